@@ -1,0 +1,197 @@
+"""Attention for packed micro-batches, picked once at run time.
+
+Backends, best first (`select_attention_backend`):
+
+- ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, when the package is installed);
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10; KV heads are
+  repeated for GQA where the installed torch has no ``enable_gqa``);
+- ``sdpa``: transformers' own sdpa path (CPU, or CUDA without either of the above). It detects
+  packing from position ids that restart at 0, but only with ``attention_mask=None`` and
+  ``use_cache=False``; it then builds a block-diagonal causal mask [T, T].
+
+The two varlen backends are wired into transformers as one registered attention function,
+``fastdash_varlen``: packed calls (``cu_seq_lens_q`` in the kwargs, no mask) go to the varlen kernel,
+padded calls (2-D mask) to transformers' sdpa with the usual mask, so one model serves both arms.
+Importing this module never needs flash-attn.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("fastdash")
+
+VARLEN_IMPL = "fastdash_varlen"  # name registered with transformers' AttentionInterface
+_BACKENDS: dict[str, str] = {}  # device type -> chosen backend (chosen and logged once)
+_registered = False
+
+
+@functools.cache
+def _flash_attn_varlen_func():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # ImportError, or a broken build (undefined symbols): either way, not usable
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return varlen_attn
+
+
+def select_attention_backend(device: torch.device | str) -> str:
+    """'flash_attn', 'torch_varlen' or 'sdpa' for packed micro-batches on `device`; logged once."""
+    dev = torch.device(device).type
+    if dev not in _BACKENDS:
+        backend = "sdpa"
+        if dev == "cuda":
+            if _flash_attn_varlen_func() is not None:
+                backend = "flash_attn"
+            elif _torch_varlen_attn() is not None:
+                backend = "torch_varlen"
+        _BACKENDS[dev] = backend
+        logger.info("packed attention on %s: %s", dev, backend)
+    return _BACKENDS[dev]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def use_packed_attention(model: torch.nn.Module, backend: str | None = None) -> str:
+    """Point `model` at the attention backend for its device; returns the backend's name.
+
+    Idempotent and cheap, so `forward_hidden` calls it on every packed micro-batch. On CUDA with a
+    varlen kernel the model switches to ``fastdash_varlen``; elsewhere it keeps an implementation
+    that handles packed rows (sdpa, eager, flex, or ``fastdash_varlen``, whose fallback is exact on
+    any device) and otherwise goes to sdpa. `backend` forces a choice (tests, benchmarks).
+    """
+    if backend is None:
+        backend = select_attention_backend(_model_device(model))
+    elif backend not in ("flash_attn", "torch_varlen", "sdpa"):
+        raise ValueError(f"backend must be 'flash_attn', 'torch_varlen' or 'sdpa', got {backend!r}")
+    current = model.config._attn_implementation
+    if backend in ("flash_attn", "torch_varlen"):
+        if current != VARLEN_IMPL:
+            register_varlen_attention()
+            model.set_attn_implementation(VARLEN_IMPL)
+    elif current not in ("sdpa", "eager", "flex_attention", VARLEN_IMPL):
+        # e.g. a model loaded with flash_attention_2 where flash-attn cannot run
+        model.set_attn_implementation("sdpa")
+    return backend
+
+
+def packed_attention_kwargs(model: torch.nn.Module, cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+    """Extra forward kwargs for a packed row: the sequence boundaries, for the varlen backends.
+
+    The names are transformers' flash-attention kwargs, passed through every layer to the attention
+    function. The sdpa path needs none (it reads the boundaries off the position ids).
+    """
+    if model.config._attn_implementation != VARLEN_IMPL:
+        return {}
+    cu = cu_seqlens.to(device=_model_device(model), dtype=torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": int(max_seqlen), "max_length_k": int(max_seqlen)}
+
+
+def register_varlen_attention() -> None:
+    """Register ``fastdash_varlen`` with transformers (attention function and its mask function)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    def varlen_mask(*args, attention_mask=None, **kwargs):
+        # packed rows carry no mask (varlen kernels take cu_seqlens); padded rows get sdpa's mask
+        if attention_mask is None:
+            return None
+        return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+    AttentionInterface.register(VARLEN_IMPL, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_IMPL, varlen_mask)
+    assert VARLEN_IMPL in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    _registered = True
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, Hq, T, D]
+    key: torch.Tensor,  # [B, Hkv, T, D]
+    value: torch.Tensor,  # [B, Hkv, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: varlen kernel for packed rows, sdpa otherwise.
+
+    Returns ([B, T, Hq, D], None) like transformers' other attention functions.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one row, got batch size {query.shape[0]}")
+    max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    out = varlen_attention(q, k, v, cu, max_len, scale=scaling, dropout=dropout)
+    return out.unsqueeze(0), None  # [1, T, Hq, D]
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    scale: float | None = None, dropout: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention within each packed sequence. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    low_precision = q.dtype in (torch.float16, torch.bfloat16)
+    if q.is_cuda and low_precision:
+        flash = _flash_attn_varlen_func()
+        if flash is not None:
+            return flash(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout, softmax_scale=scale, causal=True)
+        varlen = _torch_varlen_attn()
+        if varlen is not None and dropout == 0.0:
+            return _call_torch_varlen(varlen, q, k, v, cu, max_seqlen, scale)
+    # fp32 (the kernels take fp16/bf16 only), CPU, or dropout: exact reference, one sdpa per sample
+    return _sdpa_per_sequence(q, k, v, cu, scale, dropout)
+
+
+def _call_torch_varlen(varlen, q, k, v, cu, max_seqlen, scale):
+    params = inspect.signature(varlen).parameters
+    kwargs = {"scale": scale}
+    if "window_size" in params:  # torch >= 2.11: causal is the window (-1, 0)
+        kwargs["window_size"] = (-1, 0)
+    else:  # torch 2.10
+        kwargs["is_causal"] = True
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # older torch: no GQA in the kernel, repeat the KV heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+def _sdpa_per_sequence(q, k, v, cu, scale, dropout):
+    gqa = q.shape[1] != k.shape[1]
+    bounds = cu.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, L, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)  # [T, Hq, D]

@@ -1,0 +1,83 @@
+"""The data that flows through one step: samples out of the rollout, micro-batches into backprop.
+
+Everything here is plain data. Producers: rollout engines make `Completion`s, the trainer turns them
+into `Sample`s (adding reward and advantage), the packer (`fastdash.packing`) turns kept samples into
+`MicroBatch`es. Consumers never mutate what they are given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Completion:
+    """One generated completion, as an engine returns it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the EOS token when the sample stopped at EOS
+    truncated: bool  # hit max_completion_length without EOS
+    sampler_logps: list[float] | None = None  # per-token log-probs from the engine, when it gives them
+
+
+@dataclass
+class Sample:
+    """A completion with its reward and group-relative advantage, ready for the filter and packer.
+
+    `uid` is the sample's index in the step's batch: micro-batches carry it so per-sample data
+    (advantage, old / reference log-probs) can be gathered back in any packing order.
+    """
+
+    uid: int
+    group: int  # prompt index within the step; the G samples of one prompt share it
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    truncated: bool
+    reward: float = 0.0
+    advantage: float = 0.0
+    old_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when an old-policy pass ran
+    ref_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when beta > 0
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class MicroBatch:
+    """One backprop micro-batch, packed (one row, `cu_seqlens`) or padded (B rows, attention mask).
+
+    Loss tokens are the completion tokens. `logit_index[j]` is the flat position (in
+    `input_ids.view(-1)`) whose hidden state predicts `targets[j]`; the fused loss only ever sees
+    those N positions, never a [B, T, V] tensor.
+    """
+
+    input_ids: torch.Tensor  # [1, T] packed or [B, T] padded
+    position_ids: torch.Tensor  # same shape; restarts at 0 per sample when packed
+    attention_mask: torch.Tensor | None  # None when packed (required by transformers' packed path)
+    cu_seqlens: torch.Tensor | None  # [S + 1] int32 over the packed row, None when padded
+    max_seqlen: int
+    logit_index: torch.Tensor  # [N] int64, flat positions of the hidden states that predict targets
+    targets: torch.Tensor  # [N] int64, completion token ids
+    token_sample: torch.Tensor  # [N] int64, 0..S-1: which sample of this micro-batch each token is in
+    completion_cu_seqlens: torch.Tensor  # [S + 1] int32 over the N loss tokens, per sample
+    advantages: torch.Tensor  # [S] fp32
+    uids: list[int]  # [S] step-level sample ids
+    old_logps: torch.Tensor | None = None  # [N] fp32
+    ref_logps: torch.Tensor | None = None  # [N] fp32
+    meta: dict = field(default_factory=dict)  # e.g. padding tokens, for metrics
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.uids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        def move(x):
+            return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+        return MicroBatch(**{k: move(v) for k, v in self.__dict__.items()})

@@ -1,0 +1,256 @@
+"""One typed config: dataclass defaults <- YAML recipe <- `key=value` overrides, validated up front.
+
+Names follow TRL's GRPOConfig where TRL has the concept, so a TRL user can read a recipe as is.
+Batch shape, one set of knobs for every variant (paper, section 3):
+  DASH          generation_batch_size = train_batch_size = 256  (one engine call per step)
+  baseline GRPO generation_batch_size = micro_batch_size = 8    (one engine call per micro-batch)
+  Multi         num_iterations = 3                              (K steps on each generation)
+  Mini          generation_batch_size = 256, train_batch_size = 8 (PPO ratios vs the sampler)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KERNELS = ("auto", "triton", "torch", "liger", "reference")
+ENGINES = ("auto", "hf", "vllm")
+TASKS = ("arithmetic", "gsm8k", "math", "mbpp", "plain")
+
+
+@dataclass
+class Config:
+    # --- model and data ---
+    model: str = "tiny-arith"  # shipped name, local HF directory, or random:<preset>
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    attn_implementation: str = "sdpa"
+    task: str = "arithmetic"
+    dataset: str | None = None  # local dir / .jsonl / .parquet / cached dataset name; None = built in
+    dataset_split: str = "train"
+    eval_dataset: str | None = None
+    eval_split: str = "test"
+    prompt_template: str | None = None
+    reward: str | None = None  # registry name or dotted path; None = the task's reward
+    num_train_problems: int = 50_000  # built-in task only
+    num_eval_problems: int = 500
+    max_prompt_length: int = 256
+    shuffle: bool = True
+    # --- rollout ---
+    engine: str = "auto"
+    num_generations: int = 4
+    generation_batch_size: int = 256  # samples per engine call
+    max_completion_length: int = 2048
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 50
+    mask_truncated_completions: bool = False
+    length_control_mean: int = 0  # benchmarks: force EOS at lengths ~ this mean (0 = off)
+    # --- the paper's maths ---
+    loss_type: str = "dr_grpo"
+    scale_rewards: str = "group"  # group (std-scaled, eps 1e-4) | none (dr_grpo style); bools accepted
+    beta: float = 0.0  # KL coefficient; the reference model is loaded only when > 0
+    kl_estimator: str = "k3"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None = epsilon
+    num_iterations: int = 1  # K
+    gradient_filtering: bool = True
+    gradient_filtering_threshold: float = 0.1  # tau: keep |A| > tau
+    # --- backprop shape ---
+    train_batch_size: int = 256  # samples per optimizer step
+    micro_batch_size: int = 8  # samples per padded micro-batch (packing off)
+    packing: bool = True
+    max_tokens_per_microbatch: int | str = "auto"  # token budget when packing; auto = scheduler
+    memory_budget: int | None = None  # bytes the scheduler may plan for on CPU (None = available RAM)
+    kernel: str = "auto"
+    gradient_checkpointing: bool = False
+    # --- optimiser ---
+    learning_rate: float = 3e-6
+    lr_scheduler_type: str = "linear"  # linear | constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    # --- run ---
+    seed: int = 42
+    output_dir: str | None = None  # None = runs/<timestamp>
+    save_steps: int = 0  # 0 = only the final checkpoint
+    save_total_limit: int | None = 2
+    resume: str | None = None  # auto | a checkpoint path
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0 = only before and after training
+    eval_batch_size: int = 500
+    eval_sampled: bool = True  # also report sampled (temperature) held-out accuracy
+    num_threads: int = 0  # CPU threads; 0 = torch's default
+    plots: bool = True
+    extra: dict = field(default_factory=dict)  # free-form, e.g. for user reward functions
+
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        self.validate()
+
+    # ---- derived shape ----
+    @property
+    def prompts_per_step(self) -> int:
+        return self.train_batch_size // self.num_generations
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """An old-policy pass is needed only when a sample is trained on after the policy moved."""
+        return self.num_iterations > 1 or self.generation_batch_size > self.train_batch_size
+
+    @property
+    def steps_per_generation(self) -> int:
+        """Optimizer steps that consume one rollout buffer (Mini and Multi reuse one generation)."""
+        return max(1, self.generation_batch_size // self.train_batch_size) * self.num_iterations
+
+    @property
+    def rollout_size(self) -> int:
+        """Samples generated per rollout (several engine calls when generation_batch_size is small)."""
+        return max(self.generation_batch_size, self.train_batch_size)
+
+    def validate(self) -> None:
+        def bad(key, msg):
+            raise ValueError(f"config: {key}={getattr(self, key)!r}: {msg}")
+
+        choices = dict(loss_type=LOSS_TYPES, kl_estimator=KL_ESTIMATORS, kernel=KERNELS,
+                       engine=ENGINES, task=TASKS, scale_rewards=("group", "batch", "none"),
+                       lr_scheduler_type=("linear", "constant"),
+                       dtype=("auto", "float32", "bfloat16", "float16"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, f"must be one of {list(allowed)}")
+        G = self.num_generations
+        if G < 2:
+            bad("num_generations", "group-relative advantages need at least 2 samples per prompt")
+        for key in ("train_batch_size", "generation_batch_size"):
+            if getattr(self, key) <= 0 or getattr(self, key) % G:
+                bad(key, f"must be a positive multiple of num_generations={G}")
+        big, small = sorted((self.generation_batch_size, self.train_batch_size))
+        if big % small:
+            bad("generation_batch_size", f"one of generation_batch_size and train_batch_size="
+                f"{self.train_batch_size} must divide the other")
+        positive = ("micro_batch_size", "max_completion_length", "max_prompt_length", "num_iterations",
+                    "num_eval_problems", "eval_batch_size", "max_nonfinite_steps")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                bad(key, "must be > 0")
+        if isinstance(self.max_tokens_per_microbatch, str) and self.max_tokens_per_microbatch != "auto":
+            bad("max_tokens_per_microbatch", "must be 'auto' or a positive integer")
+        if isinstance(self.max_tokens_per_microbatch, int) and self.max_tokens_per_microbatch <= 0:
+            bad("max_tokens_per_microbatch", "must be 'auto' or a positive integer")
+        if self.temperature <= 0:
+            bad("temperature", "must be > 0 (log-probs divide the logits by it)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0 = off)")
+        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high or 0) < 0:
+            bad("beta", "beta, epsilon and epsilon_high must be >= 0")
+        if self.gradient_filtering_threshold < 0:
+            bad("gradient_filtering_threshold", "must be >= 0 (samples with |A| <= tau are dropped)")
+        if self.learning_rate <= 0:
+            bad("learning_rate", "must be > 0")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            bad("max_steps", "set max_steps > 0 or num_train_epochs > 0")
+        if self.task != "arithmetic" and self.dataset is None:
+            bad("dataset", f"task={self.task!r} needs a dataset (local path or cached dataset name)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- parsing --------------------------
+def _coerce(key: str, raw, annotation):
+    """Turn a YAML / CLI value into the field's declared type, or say what is wrong."""
+    hint = str(annotation)
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("null", "none")):
+        if "None" in hint:
+            return None
+        raise ValueError(f"config: {key} cannot be null (expected {hint})")
+    if isinstance(raw, str):
+        raw = yaml.safe_load(raw) if raw.strip() else raw  # "3" -> 3, "true" -> True, "1e-4" -> str
+    if key == "scale_rewards" and isinstance(raw, bool):
+        return raw
+    for typ, conv in ((bool, None), (int, int), (float, float), (str, str), (dict, None)):
+        if typ.__name__ not in hint:
+            continue
+        if typ is bool and isinstance(raw, bool):
+            return raw
+        if typ is dict and isinstance(raw, dict):
+            return raw
+        if typ is int and isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if typ is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if typ is float and isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        if typ is str and isinstance(raw, str):
+            return raw
+    raise ValueError(f"config: {key}={raw!r} has the wrong type; expected {hint.replace('typing.', '')}")
+
+
+def _field_types() -> dict:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def apply_overrides(values: dict, overrides: dict) -> dict:
+    types = _field_types()
+    out = dict(values)
+    for key, raw in overrides.items():
+        top = key.split(".", 1)[0]
+        if top not in types:
+            close = [k for k in types if k.startswith(top[:4])] or sorted(types)[:8]
+            raise ValueError(f"config: unknown key {key!r}; did you mean one of {close}? "
+                             "(`python -m fastdash.train --help` lists every option)")
+        if "." in key:  # dotted key into a dict field, e.g. extra.my_option=3
+            if types[top] is not dict:
+                raise ValueError(f"config: {key!r}: {top} is not a mapping, use {top}=VALUE")
+            out[top] = {**out.get(top, {}), key.split(".", 1)[1]: yaml.safe_load(str(raw))}
+            continue
+        out[key] = _coerce(key, raw, types[key])
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {path!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of key: value")
+        values = apply_overrides(values, loaded)
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like key=value")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v
+        overrides = pairs
+    values = apply_overrides(values, overrides or {})
+    return Config(**values)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_json(text: str) -> Config:
+    return Config(**json.loads(text))

@@ -1,0 +1,412 @@
+"""Code rewards: run a completion's code against its tests in a sandboxed subprocess.
+
+The reward is pass/fail, as the paper's MBPP+ reward: 1.0 when the program (code, then all tests)
+exits with status 0 inside the limits, else 0.0. Tests run in one process, in order, so the first
+failing ``assert`` fails the sample; a partial-credit fraction is deliberately not offered.
+
+Each run (``run_sandboxed``):
+  - a fresh scratch directory (``tempfile.mkdtemp``), deleted afterwards; the program is written
+    there as ``prog.py`` and is the working directory;
+  - ``python -I -B`` (isolated mode: no PYTHON* env, no user site) with a minimal environment;
+  - a bootstrap (``_BOOT``) that, before running the code:
+      * as root: ``unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID)`` via libc. New network
+        namespace = no interfaces but a down loopback, so every connect fails (also 127.0.0.1).
+        Private tmpfs over /tmp, /var/tmp and /dev/shm (the scratch dir is bind-mounted back at
+        its own path), so writes there vanish with the sandbox. Closed ancestors of the
+        interpreter (e.g. /root, mode 700, under a pyenv install) are replaced by a tmpfs that
+        exposes only the interpreter's directory, which also hides the rest of /root. A new pid
+        namespace (plus a fresh /proc): when the sandbox's init exits, the kernel kills every
+        process left in it, whatever setsid() or double forks the code did;
+      * not root: tries the same in a new user namespace; if that is refused, runs without it;
+      * rlimits: RLIMIT_AS (memory_mb), RLIMIT_CPU, RLIMIT_FSIZE (file writes), RLIMIT_NOFILE,
+        RLIMIT_CORE = 0 and, as root, RLIMIT_NPROC (max_procs) against fork bombs;
+      * as root: drops to an unprivileged uid/gid unique to this run (``_sandbox_uid``), so the
+        code cannot write root's files, signal other sandboxes, and NPROC counts only this run;
+        PR_SET_NO_NEW_PRIVS blocks setuid binaries; PR_SET_PDEATHSIG ties it to the bootstrap;
+      * an audit hook that makes ``os.system``, ``subprocess``, ``os.exec*``, ``os.spawn*``,
+        ``posix_spawn`` and ``os.fork`` raise (unless ``allow_subprocess``), and socket creation
+        raise when no network namespace could be made (best effort: ctypes can bypass a hook);
+  - a wall-clock timeout that SIGKILLs the whole process group (and so the pid namespace);
+  - stdout+stderr read through a pipe up to ``max_output_bytes``; past it the run is killed and
+    scores 0, so a flood of output never stalls the trainer.
+
+What is NOT contained: reads of world-readable files (the code runs with "other" permissions);
+without root (and without user namespaces) the code runs as the calling user, so it can write
+wherever that user can, and only the audit hook stands between it and the network. On this
+project's machines (root, util-linux present, namespaces permitted) every isolation is active;
+``sandbox_capabilities()`` reports which are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("fastdash")
+
+# Bootstrap run by the sandbox interpreter. argv[1] is a JSON config; fd cfg["info_fd"] gets one
+# JSON line saying which isolations took effect.
+_BOOT = r'''
+import ctypes, json, os, resource, signal, sys
+cfg = json.loads(sys.argv[1])
+with open(cfg["prog"], encoding="utf-8") as f:
+    src = f.read()
+scratch = cfg["scratch"]
+libc = ctypes.CDLL(None, use_errno=True)
+NEWNS, NEWPID, NEWNET, NEWUSER = 0x00020000, 0x20000000, 0x40000000, 0x10000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+iso = {"root": os.geteuid() == 0, "net": False, "mount": False, "pid": False, "uid": False,
+       "nproc": False, "errors": []}
+
+def mount(source, target, fstype, flags, data):
+    enc = lambda s: None if s is None else s.encode()
+    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), target)
+
+def expose(path):
+    # Make `path` searchable by "others": a closed ancestor (e.g. /root 700) gets a tmpfs that
+    # holds only the next component, bind-mounted back from the real directory.
+    cur = "/"
+    for comp in [c for c in path.split("/") if c]:
+        parent, cur = cur, os.path.join(cur, comp)
+        if os.stat(parent).st_mode & 0o001:
+            continue
+        fd = os.open(cur, os.O_RDONLY)
+        mount("tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+        if os.path.isdir("/proc/self/fd/%d" % fd):
+            os.mkdir(cur)
+        else:
+            open(cur, "w").close()
+        mount("/proc/self/fd/%d" % fd, cur, None, MS_BIND | MS_REC, None)
+        os.close(fd)
+
+if cfg["isolate"]:
+    if iso["root"]:
+        for flag, key in ((NEWNET, "net"), (NEWNS, "mount"), (NEWPID, "pid")):
+            iso[key] = libc.unshare(flag) == 0
+    elif libc.unshare(NEWUSER | NEWNET | NEWNS | NEWPID) == 0:
+        uid, gid = cfg["outer_uid"], cfg["outer_gid"]
+        for name, text in (("setgroups", "deny"), ("uid_map", "0 %d 1" % uid), ("gid_map", "0 %d 1" % gid)):
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+        iso.update(net=True, mount=True, pid=True)
+    if iso["mount"]:
+        try:
+            mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+            sfd = os.open(scratch, os.O_RDONLY)
+            for d in ("/tmp", "/var/tmp", "/dev/shm"):
+                if os.path.isdir(d):
+                    mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=1777" % cfg["tmpfs_mb"])
+            os.makedirs(scratch, exist_ok=True)
+            mount("/proc/self/fd/%d" % sfd, scratch, None, MS_BIND, None)
+            os.close(sfd)
+            if iso["root"]:
+                for p in cfg["expose"]:
+                    expose(p)
+        except OSError as e:
+            iso["mount"] = False
+            iso["errors"].append("mount: %s" % e)
+    os.chdir(scratch)
+
+def limits():
+    mb = 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (cfg["memory_mb"] * mb, cfg["memory_mb"] * mb))
+    resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu_s"], cfg["cpu_s"] + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["fsize_bytes"], cfg["fsize_bytes"]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if iso["root"] and cfg["uid"] is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_procs"], cfg["max_procs"]))
+        iso["nproc"] = True
+
+def reachable(path):
+    cur = "/"
+    for comp in [c for c in path.split("/") if c]:
+        if not os.stat(cur).st_mode & 0o001:
+            return False
+        cur = os.path.join(cur, comp)
+    return True
+
+def drop():
+    if iso["root"] and cfg["uid"] is not None:
+        os.setgroups([])
+        os.setgid(cfg["gid"])
+        os.setuid(cfg["uid"])
+        iso["uid"] = True
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (cleared by setuid, so after it)
+
+def hook(event, args):
+    if event in BLOCKED or (event.startswith("socket.") and BLOCK_SOCKETS):
+        raise PermissionError("sandbox: %s is not allowed" % event)
+
+def wait_exit(pid):
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)
+
+pid = os.fork()
+if pid:
+    wait_exit(pid)  # bootstrap (outside the pid namespace): relay the sandbox's exit status
+# here: init of the new pid namespace (or a plain child without one)
+try:
+    if iso["pid"] and iso["mount"]:
+        try:
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        except OSError as e:
+            iso["errors"].append("proc: %s" % e)
+    if iso["root"] and cfg["uid"] is not None and not all(map(reachable, cfg["expose"])):
+        iso["errors"].append("interpreter not reachable by an unprivileged uid: kept root")
+        cfg["uid"] = None
+    limits()
+    drop()
+    os.write(cfg["info_fd"], (json.dumps(iso) + "\n").encode())
+    os.close(cfg["info_fd"])
+except BaseException as e:
+    os.write(2, ("sandbox setup failed: %r\n" % (e,)).encode())
+    os._exit(97)
+pid = os.fork()  # keep init a bare reaper, so the code gets normal signal semantics
+if pid:
+    wait_exit(pid)
+BLOCKED = set() if cfg["allow_subprocess"] else {
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.fork",
+    "os.forkpty", "pty.spawn"}
+BLOCK_SOCKETS = not iso["net"]
+del libc
+sys.addaudithook(hook)
+sys.argv = ["prog.py"]
+sys.path.insert(0, scratch)
+code = compile(src, "prog.py", "exec")
+del src
+exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+'''
+
+_FENCE_RE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_UID_BASE = 1_000_000  # sandbox uids: _UID_BASE + pid * 64 + slot, unique among live runs
+_MAX_SLOTS = 64
+_slots = threading.Semaphore(_MAX_SLOTS)
+_slot_lock = threading.Lock()
+_free_slots = list(range(_MAX_SLOTS))
+_caps: dict | None = None
+_caps_logged = False
+
+
+@dataclass
+class SandboxResult:
+    passed: bool  # exit status 0, within every limit
+    reason: str  # "ok", "failed", "timeout", "output_limit", "setup_failed"
+    returncode: int | None
+    output: str  # stdout + stderr, at most max_output_bytes
+    elapsed_s: float
+    isolation: dict = field(default_factory=dict)
+
+
+def extract_code(completion: str) -> str:
+    """The first fenced ```python block of a completion, else the raw text."""
+    m = _FENCE_RE.search(completion or "")
+    return m.group(1) if m else (completion or "")
+
+
+def _interpreter_paths() -> list[str]:
+    paths = {os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix),
+             os.path.realpath(sys.prefix)}
+    return sorted(os.path.dirname(p) if os.path.isfile(p) else p for p in paths)
+
+
+def run_sandboxed(
+    program: str,
+    *,
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    max_output_bytes: int = 1_000_000,
+    max_file_bytes: int = 16 * 1024 * 1024,
+    max_procs: int = 16,
+    allow_subprocess: bool = False,
+    isolate: bool = True,
+) -> SandboxResult:
+    """Run ``program`` (Python source) in the sandbox described in this module's docstring."""
+    t0 = time.monotonic()
+    scratch = tempfile.mkdtemp(prefix="fastdash-sbx-")
+    info_r, info_w = os.pipe()
+    slot = None
+    proc = None
+    try:
+        prog = os.path.join(scratch, "prog.py")
+        with open(prog, "w", encoding="utf-8") as f:
+            f.write(program)
+        uid = gid = None
+        if os.geteuid() == 0:
+            _slots.acquire()
+            with _slot_lock:
+                slot = _free_slots.pop()
+            uid = gid = _UID_BASE + (os.getpid() % 4_000_000) * _MAX_SLOTS + slot
+            os.chown(scratch, uid, gid)
+        cfg = {
+            "prog": prog, "scratch": scratch, "isolate": isolate, "info_fd": info_w,
+            "memory_mb": int(memory_mb), "cpu_s": int(timeout_s) + 1,
+            "fsize_bytes": int(max_file_bytes), "max_procs": int(max_procs),
+            "tmpfs_mb": 64, "uid": uid, "gid": gid, "outer_uid": os.getuid(),
+            "outer_gid": os.getgid(), "allow_subprocess": allow_subprocess,
+            "expose": _interpreter_paths(),
+        }
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch,
+               "TMPDIR": scratch, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", "-c", _BOOT, json.dumps(cfg)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=scratch, env=env, start_new_session=True, pass_fds=(info_w,),
+        )
+        os.close(info_w)
+        info_w = -1
+        out, reason = _read_capped(proc, t0 + timeout_s, max_output_bytes)
+        if reason is not None:
+            _kill_group(proc)
+        rc = proc.wait()
+        iso = _read_info(info_r)
+        if reason is None:
+            if rc == 0:
+                reason = "ok"
+            elif rc == 97 and b"sandbox setup failed" in out:
+                reason = "setup_failed"
+                logger.warning("sandbox setup failed: %s", out.decode(errors="replace")[-500:])
+            else:
+                reason = "failed"
+        return SandboxResult(reason == "ok", reason, rc, out.decode("utf-8", errors="replace"),
+                             time.monotonic() - t0, iso)
+    finally:
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
+            proc.wait()
+        if info_w >= 0:
+            os.close(info_w)
+        os.close(info_r)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if slot is not None:
+            with _slot_lock:
+                _free_slots.append(slot)
+            _slots.release()
+
+
+def _read_capped(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, str | None]:
+    """Read the child's output until EOF; stop at the deadline or past ``cap`` bytes."""
+    chunks, n = [], 0
+    fd = proc.stdout.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b"".join(chunks), "timeout"
+            if not sel.select(timeout=left):
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                return b"".join(chunks), None
+            n += len(data)
+            if n > cap:
+                chunks.append(data[: max(0, cap - (n - len(data)))])
+                return b"".join(chunks), "output_limit"
+            chunks.append(data)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the bootstrap leads its own session / group
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _read_info(fd: int) -> dict:
+    try:
+        os.set_blocking(fd, False)
+        data = os.read(fd, 65536)
+        return json.loads(data.decode().splitlines()[0]) if data else {}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def sandbox_capabilities() -> dict:
+    """Which isolations take effect on this machine (runs one trivial sandbox; cached)."""
+    global _caps
+    if _caps is None:
+        _caps = run_sandboxed("pass", timeout_s=10.0).isolation
+    return _caps
+
+
+def _log_caps_once(iso: dict) -> None:
+    global _caps_logged
+    if not _caps_logged and iso:
+        _caps_logged = True
+        missing = [k for k in ("net", "mount", "pid", "uid", "nproc") if not iso.get(k)]
+        if missing:
+            logger.warning("code sandbox: running without %s isolation (%s)", ", ".join(missing),
+                           "; ".join(iso.get("errors", [])) or "not permitted here")
+        else:
+            logger.info("code sandbox: net, mount, pid namespaces, unprivileged uid and rlimits active")
+
+
+def run_code_tests(
+    code: str,
+    tests: list[str] | str,
+    *,
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    max_output_bytes: int = 1_000_000,
+    **sandbox_kwargs,
+) -> float:
+    """1.0 if ``code`` followed by all ``tests`` runs to exit status 0 in the sandbox, else 0.0.
+
+    Pass/fail, not a fraction of tests (the paper's MBPP+ reward is pass/fail).
+    """
+    if isinstance(tests, str):
+        tests = [tests]
+    program = code + "\n\n" + "\n".join(tests) + "\n"
+    res = run_sandboxed(program, timeout_s=timeout_s, memory_mb=memory_mb,
+                        max_output_bytes=max_output_bytes, **sandbox_kwargs)
+    _log_caps_once(res.isolation)
+    return 1.0 if res.passed else 0.0
+
+
+def code_reward(completion: str, answer: str = "", *, tests=None, **row) -> float:
+    """Registry reward for code tasks: extract the code, run it against ``tests`` (the row's)."""
+    if not tests:
+        raise ValueError("code reward: the row has no 'tests'")
+    return run_code_tests(extract_code(completion), tests)
+
+
+def code_reward_batch(
+    completions: list[str], tests_lists: list, *, max_workers: int | None = None, **kwargs
+) -> list[float]:
+    """``run_code_tests`` for many completions in parallel (threads waiting on subprocesses)."""
+    if len(completions) != len(tests_lists):
+        raise ValueError(f"code_reward_batch: {len(completions)} completions but "
+                         f"{len(tests_lists)} test lists")
+    workers = max_workers or min(_MAX_SLOTS // 2, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futs = [pool.submit(run_code_tests, extract_code(c), t, **kwargs)
+                for c, t in zip(completions, tests_lists)]
+        return [f.result() for f in futs]
+
+
+def _code_batch(completions: list[str], rows: list[dict]) -> list[float]:
+    for r in rows:
+        if not r.get("tests"):
+            raise ValueError("code reward: a row has no 'tests'")
+    return code_reward_batch(completions, [r["tests"] for r in rows])
+
+
+code_reward.batch = _code_batch  # used by score_completions

@@ -1,0 +1,47 @@
+"""The rollout engine protocol: what the trainer needs from anything that generates.
+
+Engines take tokenised prompts and return `Completion`s in prompt order, `n` consecutive
+completions per prompt (the G samples of a group stay together). The trainer calls
+`sync_weights` once per optimizer step, before the next `generate`, so samples stay on-policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from fastdash.batch import Completion
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+    seed: int | None = None  # per-call seed; None = continue the engine's RNG stream
+    # Benchmarks only: force EOS after exactly this many tokens per completion (length-controlled
+    # generation, DESIGN.md section 7), one entry per returned completion (len(prompts) * n).
+    forced_lengths: tuple[int, ...] | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
+        """`n` completions per prompt, in order: [p0 x n, p1 x n, ...]."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine's weights equal to `model`'s (no-op when it shares them)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free generation memory (KV cache) while the trainer runs backprop."""
+        ...
+
+    def wake(self) -> None:
+        ...

@@ -1,0 +1,146 @@
+"""Build everything a run needs from a Config: device, model(s), data, reward, engine, optimizer, plan.
+
+Kept apart from the trainer so `trainer.py` reads as the algorithm alone.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fastdash.config import Config
+from fastdash.data import load_task
+from fastdash.metrics import PhaseTimer
+from fastdash.models import load_model_and_tokenizer
+from fastdash.rewards import get_reward_fn
+from fastdash.rollout import make_engine
+from fastdash.trainer import TrainState
+
+log = logging.getLogger("fastdash")
+
+
+@dataclass
+class Run:
+    cfg: Config
+    device: torch.device
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    tokenizer: object
+    engine: object
+    train_problems: list[dict]
+    eval_problems: list[dict]
+    reward_fn: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    plan: object
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+    timer: PhaseTimer | None = None
+    _prompt_cache: dict = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def prompt_ids(self, problem: dict) -> list[int]:
+        key = problem["prompt"]
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = self.tokenizer(key, add_special_tokens=False).input_ids
+        return self._prompt_cache[key]
+
+    def decode(self, ids: list[int]) -> str:
+        vocab = len(self.tokenizer)  # random-weight presets can emit ids the tokenizer lacks
+        return self.tokenizer.decode([i for i in ids if i < vocab], skip_special_tokens=True)
+
+    def forced_lengths(self, rollout: int, count: int) -> list[int]:
+        """Length-controlled generation: per-sample completion lengths, gamma-distributed around
+        `length_control_mean` (a long right tail like the paper's Fig. 6b), capped at the maximum."""
+        rng = np.random.default_rng([self.cfg.seed, rollout])
+        mean, cap = self.cfg.length_control_mean, self.cfg.max_completion_length
+        return [int(x) for x in np.clip(rng.gamma(2.0, mean / 2.0, size=count).round(), 1, cap)]
+
+
+def pick_device_and_dtype(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return device, getattr(torch, name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_steps(cfg: Config, n_problems: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    rollouts = math.ceil(cfg.num_train_epochs * n_problems / (cfg.rollout_size // cfg.num_generations))
+    return max(1, rollouts * cfg.steps_per_generation)
+
+
+def _drop_long_prompts(cfg: Config, tok, problems: list[dict], what: str) -> list[dict]:
+    kept = [p for p in problems if len(tok(p["prompt"], add_special_tokens=False).input_ids) <= cfg.max_prompt_length]
+    if len(kept) < len(problems):
+        log.warning("%s: skipped %d of %d problems whose prompt is longer than max_prompt_length=%d tokens",
+                    what, len(problems) - len(kept), len(problems), cfg.max_prompt_length)
+    if not kept:
+        raise ValueError(f"{what}: every prompt is longer than max_prompt_length={cfg.max_prompt_length}; raise it")
+    return kept
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:  # linear warmup, then linear decay to 0 (HF Trainer default)
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def build_plan(cfg: Config, model, device: torch.device):
+    """The memory plan (scheduler); pinned budgets are validated against it."""
+    from fastdash.scheduler import plan_memory
+
+    return plan_memory(
+        model, max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
+        samples_per_step=cfg.train_batch_size, samples_per_generation=cfg.generation_batch_size,
+        beta=cfg.beta, engine=cfg.engine if cfg.engine != "auto" else "hf", memory_budget=cfg.memory_budget,
+        max_tokens_per_microbatch=cfg.max_tokens_per_microbatch)
+
+
+def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)  # before any engine starts (vLLM replaces it with a no-op)
+    seed_everything(cfg.seed)
+    device, dtype = pick_device_and_dtype(cfg)
+    model, tok = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                          seed=cfg.seed)
+    model.to(device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = None
+    if cfg.beta > 0:  # the reference policy exists only when the KL term does
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    train, evals = load_task(cfg)
+    train = _drop_long_prompts(cfg, tok, train, "train data")
+    evals = _drop_long_prompts(cfg, tok, evals, "eval data")
+    total = count_steps(cfg, len(train))
+    optimizer, lr_scheduler = build_optimizer(cfg, model, total)
+    plan = build_plan(cfg, model, device) if with_plan else None
+    engine = make_engine(cfg, model, tok, plan)
+    reward_fn = get_reward_fn(cfg.reward or ("math" if cfg.task == "math" else cfg.task))
+    return Run(cfg=cfg, device=device, model=model, ref_model=ref_model, tokenizer=tok, engine=engine,
+               train_problems=train, eval_problems=evals, reward_fn=reward_fn, optimizer=optimizer,
+               lr_scheduler=lr_scheduler, plan=plan, total_steps=total, timer=PhaseTimer(device))

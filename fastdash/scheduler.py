@@ -1,0 +1,475 @@
+"""Memory-aware scheduler: choose the backprop token budget and the generation batch from
+measured memory, and back off when a step runs out of memory anyway.
+
+Memory model (DESIGN.md section 6), on the device that trains:
+
+    fixed      = weights + grads (param dtype) + optimizer state + reference weights (beta > 0)
+    backprop   = fixed + c + s * T + q * T^2    T = packed tokens per micro-batch
+    generation = fixed + B * (kv_per_token * L + logits_per_seq)    B = concurrent sequences
+
+`s` and `c` come from probe forward+backward passes over packed rows of worst-case samples
+(L = max_prompt_length + max_completion_length), so a late long sample cannot OOM a plan that
+the probe accepted. `q` is ~0 with varlen attention (flash-attn: the attention term is s ~ T * L);
+it is what attending over the whole packed row with a block mask costs (sdpa on CPU), which the
+small probes see as curvature and a verification probe at the chosen budget confirms. The budgets fill `safety` x (free + already-resident weights). Measurement
+lives in `fastdash.memory`; this module is arithmetic over its numbers and can be tested with a
+fake probe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+import torch
+
+from fastdash.memory import MemoryProbe, default_probe, ensure_grads, measure_activations, probe_forward_backward
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+GiB = 1024**3
+
+# Optimizer state bytes per trainable parameter (AdamW: exp_avg + exp_avg_sq in fp32).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "sgd_momentum": 4}
+LOGITS_COPIES = 4  # [B, V] fp32 tensors alive per generation step (logits, processed, probs, ...)
+
+
+class MemoryPlanError(RuntimeError):
+    """Even the smallest useful configuration does not fit in the measured memory."""
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    engine: str
+    # measured
+    total_bytes: int
+    free_bytes: int
+    resident_bytes: int  # already allocated and part of `fixed` (the model's weights)
+    safety: float
+    usable_bytes: int  # safety * (free + resident)
+    # fixed part
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    reference_bytes: int
+    fixed_bytes: int
+    # activations: peak(T) = base + per_token * T + per_token_sq * T^2 above the fixed part
+    activation_base_bytes: float
+    activation_bytes_per_token: float
+    activation_bytes_per_token_sq: float
+    probe_points: list[tuple[int, int]]
+    # workload
+    sample_len: int
+    samples_per_step: int
+    # backprop
+    max_tokens_per_microbatch: int
+    backprop_peak_bytes: int
+    backprop_headroom_bytes: int
+    microbatches_per_step: int  # worst case: every sample kept and of length sample_len
+    # generation
+    kv_bytes_per_token: int
+    generation_concurrency: int  # HF: sequences per generate call; vLLM: max_num_seqs
+    generation_peak_bytes: int
+    generation_headroom_bytes: int
+    gpu_memory_utilization: float | None = None  # vLLM only
+    vllm_sleep: bool | None = None
+    pinned: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def predict_backprop_bytes(self, tokens: int) -> int:
+        fit = ActivationFit(self.activation_base_bytes, self.activation_bytes_per_token, self.activation_bytes_per_token_sq)
+        return int(self.fixed_bytes + fit(tokens))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_table(self) -> str:
+        def gib(x):
+            return f"{x / GiB:8.3f} GiB"
+
+        gen_name = "max_num_seqs" if self.engine == "vllm" else "generation_concurrency"
+
+        def mark(name):
+            return " (pinned)" if name in self.pinned else ""
+
+        rows = [
+            ("device", self.device),
+            ("total", gib(self.total_bytes)),
+            ("free (measured)", gib(self.free_bytes)),
+            ("already resident", gib(self.resident_bytes)),
+            (f"usable (x{self.safety:g})", gib(self.usable_bytes)),
+            ("weights", gib(self.weights_bytes)),
+            ("grads", gib(self.grads_bytes)),
+            ("optimizer state", gib(self.optimizer_bytes)),
+            ("reference model", gib(self.reference_bytes)),
+            ("fixed total", gib(self.fixed_bytes)),
+            ("activation / token", f"{self.activation_bytes_per_token / 1024:8.1f} KiB"),
+            ("activation / token^2", f"{self.activation_bytes_per_token_sq:8.2f} B"),
+            ("activation base", gib(self.activation_base_bytes)),
+            ("probe points (T: bytes)", ", ".join(f"{t}: {b / GiB:.3f}G" for t, b in self.probe_points)),
+            ("sample length (worst)", str(self.sample_len)),
+            ("samples per step", str(self.samples_per_step)),
+            ("max_tokens_per_microbatch" + mark("max_tokens_per_microbatch"), str(self.max_tokens_per_microbatch)),
+            ("micro-batches / step (worst)", str(self.microbatches_per_step)),
+            ("backprop peak (predicted)", gib(self.backprop_peak_bytes)),
+            ("backprop headroom", gib(self.backprop_headroom_bytes)),
+            ("engine", self.engine),
+            ("KV cache / token", f"{self.kv_bytes_per_token / 1024:8.1f} KiB"),
+            (gen_name + mark(gen_name), str(self.generation_concurrency)),
+            ("generation peak (predicted)", gib(self.generation_peak_bytes)),
+            ("generation headroom", gib(self.generation_headroom_bytes)),
+        ]
+        if self.gpu_memory_utilization is not None:
+            rows.append(("gpu_memory_utilization" + mark("gpu_memory_utilization"), f"{self.gpu_memory_utilization:.2f}"))
+            rows.append(("vLLM sleeps in backprop", str(self.vllm_sleep)))
+        width = max(len(k) for k, _ in rows)
+        lines = ["memory plan", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows]
+        lines += [f"WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def log_and_save(self, run_dir: str | None = None) -> None:
+        """Log the table; write `memory_plan.json` into `run_dir` when given."""
+        log.info("\n%s", self.to_table())
+        for w in self.warnings:
+            log.warning(w)
+        if run_dir is not None:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "memory_plan.json"), "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+
+
+def _check_pin(name: str, value, kind=int):
+    if value == "auto":
+        return None
+    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+    if not ok:
+        want = "a float in (0, 1]" if kind is float else "a positive int"
+        raise ValueError(f"{name} must be 'auto' or {want}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ActivationFit:
+    """Activation peak above the resting state: c + s * T + q * T^2 bytes (c, s, q >= 0)."""
+
+    c: float
+    s: float
+    q: float = 0.0
+
+    def __call__(self, tokens: int) -> float:
+        return self.c + self.s * tokens + self.q * tokens * tokens
+
+    def max_tokens(self, room: float) -> int:
+        """Largest T whose peak fits in `room` bytes."""
+        if self.q > 0:
+            return int((-self.s + math.sqrt(self.s**2 + 4 * self.q * (room - self.c))) / (2 * self.q))
+        return int((room - self.c) // self.s)
+
+
+def fit_activation(points: list[tuple[int, int]]) -> ActivationFit:
+    """Least-squares fit of (T, peak) points: quadratic with 3+ distinct T, else linear.
+
+    A fit with a negative coefficient falls back to the simpler model, and finally to the
+    steepest line through the origin, which over-estimates every point: the safe side.
+    """
+    ts = torch.tensor([float(t) for t, _ in points], dtype=torch.float64)
+    ps = torch.tensor([float(p) for _, p in points], dtype=torch.float64)
+    t_max, p_max = float(ts.max()), float(ps.max())
+    x = ts / t_max  # scaled so the least-squares problem is well conditioned
+    for degree in (2, 1):
+        if len(set(ts.tolist())) > degree:
+            basis = torch.stack([x**k for k in range(degree + 1)], dim=1)
+            coef = torch.linalg.lstsq(basis, ps.unsqueeze(1), driver="gelsd").solution.view(-1).tolist()
+            if degree == 2 and abs(coef[2]) < 1e-6 * p_max:
+                continue  # no curvature beyond rounding: the linear fit is the exact one
+            if min(coef) >= 0 and coef[1] > 0:
+                return ActivationFit(*(ck / t_max**k for k, ck in enumerate(coef)))
+    return ActivationFit(0.0, max(1.0, float((ps / ts).max())))
+
+
+def model_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(weights + buffers bytes, trainable param bytes, trainable param count)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return weights, sum(p.numel() * p.element_size() for p in trainable), sum(p.numel() for p in trainable)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x dtype bytes, from a transformers config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def _solve_tokens(fit: ActivationFit, room: int, L: int, M: int, need_msg: str) -> int:
+    """Largest T that fits in `room`, capped at the whole step (M samples of L tokens)."""
+    tokens = fit.max_tokens(room)
+    if tokens < L:
+        raise MemoryPlanError(f"one worst-case sample of {L} tokens is predicted to need {fit(L) / GiB:.3f} GiB "
+                              f"of activations, {room / GiB:.3f} GiB left after the fixed part: {need_msg}")
+    return min(tokens, M * L)
+
+
+def _verify_tokens(activation_fn, points: list[tuple[int, int]], tokens: int, room: int, rounds: int) -> int:
+    """Measure at the chosen budget; if it does not fit, bracket between the largest measured point
+    that fits and the smallest that does not (secant, safe for convex growth) and try again.
+
+    The extrapolation from small probes can miss growth that starts late (a T^2 attention mask,
+    an allocator threshold). Appends its measurements to `points`; returns a budget that was
+    measured to fit, or one inside the probed range when no measurement was needed.
+    """
+    failed = False
+    for _ in range(rounds):
+        measured = dict(points)
+        if tokens in measured:
+            failed = measured[tokens] > room
+            break
+        if not failed and tokens <= max(measured):
+            break  # between probes that all fitted: the fit interpolates
+        points.append((tokens, int(activation_fn(tokens))))
+        if points[-1][1] <= room:
+            return tokens
+        failed = True
+        t0, p0 = max(p for p in points if p[1] <= room)
+        t1, p1 = min(p for p in points if p[1] > room)
+        slope = (p1 - p0) / (t1 - t0)
+        tokens = max(t0, t0 + int((room - p0) // slope))
+    if failed:  # out of rounds: fall back to the largest budget measured to fit
+        tokens = max(t for t, p in points if p <= room)
+    return tokens
+
+
+def plan_memory(
+    model: torch.nn.Module,
+    *,
+    max_prompt_length: int,
+    max_completion_length: int,
+    samples_per_step: int,
+    samples_per_generation: int | None = None,
+    beta: float = 0.0,
+    optimizer: str = "adamw",
+    engine: str = "hf",
+    vllm_sleep: bool = True,
+    safety: float = 0.9,
+    memory_budget: int | None = None,
+    max_tokens_per_microbatch: int | str = "auto",
+    generation_concurrency: int | str = "auto",
+    gpu_memory_utilization: float | str = "auto",
+    probe: MemoryProbe | None = None,
+    probe_step: Callable[[int], object] | None = None,
+    activation_fn: Callable[[int], int] | None = None,
+    probe_samples: tuple[int, ...] = (1, 2, 4),
+    verify_rounds: int = 3,
+    resident_bytes: int | None = None,
+    kv_dtype_bytes: int | None = None,
+    vllm_overhead_bytes: int = GiB,
+) -> MemoryPlan:
+    """Measure, then choose `max_tokens_per_microbatch` and the generation concurrency.
+
+    `samples_per_step` (train_batch_size) caps the token budget (one micro-batch for the whole
+    step) and gives micro-batches per step; `samples_per_generation` (default: the same) caps the
+    generation concurrency: the HF engine's sequences per `generate` call, or vLLM's
+    `max_num_seqs`. Pinned values (not "auto") are kept and checked: a warning says when one is
+    predicted not to fit. `probe_step(T)` runs one forward+backward over T packed tokens (default:
+    `fastdash.memory.probe_forward_backward`, worst-case samples); `activation_fn(T) -> peak
+    bytes` replaces the measurement altogether (tests);
+    `resident_bytes` (default: the model's weights if they live on the probe's device) is what
+    the free measurement already excludes but the fixed part counts. With vLLM, planning assumes
+    it shares this device; `vllm_sleep` means it frees weights and KV cache during backprop.
+    """
+    if engine not in ("hf", "vllm"):
+        raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
+    if not 0 < safety <= 1:
+        raise ValueError(f"safety must be in (0, 1], got {safety}")
+    pin_tokens = _check_pin("max_tokens_per_microbatch", max_tokens_per_microbatch)
+    pin_gen = _check_pin("generation_concurrency", generation_concurrency)
+    pin_util = _check_pin("gpu_memory_utilization", gpu_memory_utilization, float)
+    L = max_prompt_length + max_completion_length
+    M = samples_per_step
+    M_gen = samples_per_generation or samples_per_step
+    device = next(model.parameters()).device
+    probe = probe if probe is not None else default_probe(device, memory_budget)
+
+    # ---- fixed part
+    weights, grad_bytes, n_trainable = model_bytes(model)
+    opt_bytes = n_trainable * OPTIMIZER_STATE_BYTES[optimizer]
+    ref_bytes = weights if beta > 0 else 0
+    fixed = weights + grad_bytes + opt_bytes + ref_bytes
+
+    # ---- measured capacity
+    total, free = probe.total_bytes(), probe.free_bytes()
+    if resident_bytes is None:
+        resident_bytes = weights if device.type == probe.device.type else 0
+    usable = int(safety * (free + resident_bytes))
+    dynamic = usable - fixed
+    need_msg = (f"measured free {free / GiB:.3f} GiB + resident {resident_bytes / GiB:.3f} GiB, "
+                f"x safety {safety} = {usable / GiB:.3f} GiB usable; fixed part (weights {weights / GiB:.3f} "
+                f"+ grads {grad_bytes / GiB:.3f} + optimizer {opt_bytes / GiB:.3f} + reference "
+                f"{ref_bytes / GiB:.3f}) = {fixed / GiB:.3f} GiB")
+    if dynamic <= 0:
+        raise MemoryPlanError(f"the fixed part alone does not fit: {need_msg}")
+
+    # ---- generation (before backprop: a colocated vLLM that stays awake takes its share first)
+    dtype_bytes = kv_dtype_bytes or next(model.parameters()).element_size()
+    kv_tok = kv_bytes_per_token(model.config, dtype_bytes)
+    kv_seq = kv_tok * L
+    warnings: list[str] = []
+    util = None
+    train_dynamic = dynamic
+    if engine == "hf":
+        per_seq = kv_seq + LOGITS_COPIES * 4 * model.config.vocab_size
+        gen_fit = dynamic // per_seq
+        gen_batch = pin_gen or min(M_gen, gen_fit)
+        gen_peak = fixed + gen_batch * per_seq
+    else:
+        # vLLM holds its own weight copy, its activations/graphs (overhead) and the KV cache.
+        vllm_room = dynamic if vllm_sleep else dynamic // 2
+        if pin_util is not None:
+            vllm_room = int(pin_util * total)
+        gen_fit = max(0, (vllm_room - weights - vllm_overhead_bytes) // kv_seq)
+        gen_batch = pin_gen or min(M_gen, gen_fit)
+        vllm_bytes = weights + vllm_overhead_bytes + gen_batch * kv_seq
+        if pin_util is None and not vllm_sleep:
+            vllm_bytes = min(vllm_bytes, vllm_room)
+        util = pin_util if pin_util is not None else math.floor(100 * max(vllm_bytes, 1) / total) / 100
+        gen_peak = fixed + int(util * total)
+        if not vllm_sleep:
+            train_dynamic = dynamic - int(util * total)
+    if gen_fit < 1 and pin_gen is None:
+        raise MemoryPlanError(f"not even one generation sequence of {L} tokens fits "
+                              f"({kv_seq / GiB:.3f} GiB KV cache each): {need_msg}")
+    if pin_gen is not None and pin_gen > gen_fit:
+        warnings.append(f"generation_concurrency={pin_gen} is over the {gen_fit} sequences predicted to fit; "
+                        "expect OOM back-off in generation")
+    if pin_util is not None and gen_peak > usable:
+        warnings.append(f"gpu_memory_utilization={pin_util} plus the trainer's fixed part needs "
+                        f"{gen_peak / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable")
+
+    # ---- activations: worst-case probe, then verify at the chosen budget
+    restore = []
+    if activation_fn is None:
+        restore = ensure_grads(model)
+        if probe_step is None:
+            probe_step = functools.partial(probe_forward_backward, model, sample_len=L,
+                                           completion_len=max_completion_length)
+        activation_fn = measure_activations(model, probe, probe_step)
+        activation_fn(L)  # warm-up: first-call allocations (thread pools, kernels) are not activations
+    try:
+        points: list[tuple[int, int]] = []
+        for n in sorted({min(n, M) for n in probe_samples}):
+            t = n * L
+            if points and fit_activation(points)(t) > train_dynamic:
+                break
+            points.append((t, int(activation_fn(t))))
+        fit = fit_activation(points)
+        if points[0][1] > train_dynamic:
+            raise MemoryPlanError(f"one worst-case sample of {L} tokens needs {points[0][1] / GiB:.3f} GiB of "
+                                  f"activations, {train_dynamic / GiB:.3f} GiB left after the fixed part: {need_msg}")
+        tokens = _solve_tokens(fit, train_dynamic, L, M, need_msg)
+        tokens = _verify_tokens(activation_fn, points, tokens, train_dynamic, verify_rounds)
+        probed = max(t for t, _ in points[:len(probe_samples)])
+        fit = fit_activation(points if tokens <= probed else sorted(p for p in points if p[0] <= tokens)[-3:])
+    finally:
+        for p in restore:
+            p.grad = None
+    auto_tokens = tokens
+    tokens = pin_tokens or auto_tokens
+    if pin_tokens is not None:
+        if pin_tokens < L:
+            warnings.append(f"max_tokens_per_microbatch={pin_tokens} is below the longest sample ({L} tokens)")
+        if pin_tokens > auto_tokens and fit(pin_tokens) > train_dynamic:
+            warnings.append(f"max_tokens_per_microbatch={pin_tokens} is predicted to need "
+                            f"{(fixed + fit(pin_tokens)) / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable "
+                            f"(auto would pick {auto_tokens}); expect OOM back-off")
+    per_mb = max(1, tokens // L)
+    train_peak = int(fixed + fit(tokens))
+    train_budget = fixed + train_dynamic
+
+    return MemoryPlan(
+        device=str(probe.device), engine=engine, total_bytes=int(total), free_bytes=int(free),
+        resident_bytes=int(resident_bytes), safety=safety, usable_bytes=usable,
+        weights_bytes=weights, grads_bytes=grad_bytes, optimizer_bytes=opt_bytes, reference_bytes=ref_bytes,
+        fixed_bytes=fixed, activation_base_bytes=fit.c, activation_bytes_per_token=fit.s,
+        activation_bytes_per_token_sq=fit.q, probe_points=points,
+        sample_len=L, samples_per_step=M, max_tokens_per_microbatch=tokens, backprop_peak_bytes=train_peak,
+        backprop_headroom_bytes=int(train_budget - train_peak), microbatches_per_step=math.ceil(M / per_mb),
+        kv_bytes_per_token=kv_tok, generation_concurrency=gen_batch, generation_peak_bytes=int(gen_peak),
+        generation_headroom_bytes=int(usable - gen_peak), gpu_memory_utilization=util,
+        vllm_sleep=vllm_sleep if engine == "vllm" else None,
+        pinned=[k for k, v in (("max_tokens_per_microbatch", pin_tokens),
+                               ("max_num_seqs" if engine == "vllm" else "generation_concurrency", pin_gen),
+                               ("gpu_memory_utilization", pin_util)) if v is not None],
+        warnings=warnings,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-time back-off
+
+
+def is_oom_error(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def run_with_oom_backoff(
+    run: Callable[[int], T],
+    budget: int,
+    *,
+    max_retries: int = 3,
+    min_budget: int = 1,
+    is_oom: Callable[[BaseException], bool] = is_oom_error,
+    what: str = "backprop token budget",
+    plan: MemoryPlan | None = None,
+    on_backoff: Callable[[int, int], None] | None = None,
+) -> T:
+    """`run(budget)`; on an OOM halve the budget (not below `min_budget`), free caches and retry.
+
+    `run` must start from a clean state on every call (the trainer re-packs the kept samples and
+    zeroes partial gradients), so a retried step gives the same result. `on_backoff(old, new)`
+    lets the caller keep the smaller budget for later steps. After `max_retries` OOMs, or an OOM
+    at `min_budget`, raises RuntimeError naming the budgets tried and the plan.
+    """
+    tried = []
+    while True:
+        tried.append(budget)
+        try:
+            return run(budget)
+        except BaseException as e:  # noqa: B902 - filtered by is_oom, everything else re-raised
+            if not is_oom(e):
+                raise
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        # Outside the except block: the traceback (and the tensors its frames hold) is released.
+        _free_caches()
+        new = max(min_budget, budget // 2)
+        if len(tried) > max_retries or new == budget:
+            table = f"\n{plan.to_table()}" if plan is not None else ""
+            raise RuntimeError(f"out of memory at {what} {budget} after trying {tried} "
+                               f"({len(tried) - 1} back-offs, max_retries={max_retries}); "
+                               f"last error: {msg}{table}")
+        log.warning("OOM at %s %d (%s): halving to %d and retrying", what, budget, msg, new)
+        if on_backoff is not None:
+            on_backoff(budget, new)
+        budget = new
+
+
+def _free_caches() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,174 @@
+"""Public entry points: backend switch, `fused_linear_logprob`, `fused_policy_loss`."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .loss import check_loss_args, per_token_policy_loss
+from .reference import logprob_reference
+from .segment import _has_triton, broadcast_to_tokens, segment_ids, segment_mean, seq_lengths
+
+BACKENDS = ("auto", "triton", "torch", "liger", "reference")
+
+
+@dataclass
+class PolicyLossOutput:
+    """loss: 0-d fp32 with grad; logps/entropy: [N] fp32 detached; metrics: 0-d tensors (no host sync)."""
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if hidden.is_cuda and _has_triton() else "torch"
+    return backend
+
+
+def _impl(backend: str):
+    """Module with logprob(...) and logprob_fwd_bwd(...) for 'torch' or 'triton'."""
+    if backend == "triton":
+        if not _has_triton():
+            raise ImportError("backend='triton' needs the triton package: pip install 'fastdash[triton]'")
+        return importlib.import_module(".triton_logprob", __package__)
+    return importlib.import_module(".torch_backend", __package__)
+
+
+def _check_inputs(hidden, weight, targets, temperature):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def fused_linear_logprob(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto"):
+    """Per-token log-probs of ``targets`` under softmax(hidden @ weight.T / temperature).
+
+    hidden [N, H], weight [V, H] (lm_head, no bias), targets [N] int. Returns logps [N] fp32 with
+    autograd through hidden and weight, and with return_entropy a second [N] fp32 entropy tensor
+    (detached). backend: auto (triton on CUDA, else torch) | triton | torch | reference.
+    """
+    _check_inputs(hidden, weight, targets, temperature)
+    b = resolve_backend(backend, hidden)
+    if b == "liger":
+        raise ValueError("backend='liger' is only offered for fused_policy_loss (liger has no public log-prob op)")
+    if b == "reference":
+        logps, ent = logprob_reference(hidden, weight, targets, temperature)
+        ent = ent.detach()
+    else:
+        logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy)
+    return (logps, ent) if return_entropy else logps
+
+
+class _EagerLoss(torch.autograd.Function):
+    """Loss whose dX, dW were formed during the forward; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, fwd_bwd, targets, temperature, return_entropy, grad_fn):
+        logps, ent, loss, dx, dw = fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_fn)
+        ctx.save_for_backward(dx, dw)
+        ent = logps.new_empty(0) if ent is None else ent
+        ctx.mark_non_differentiable(logps, ent)
+        return loss, logps, ent
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logps, _g_ent):
+        dx, dw = ctx.saved_tensors
+        return (g_loss * dx).to(dx.dtype), (g_loss * dw).to(dw.dtype), None, None, None, None, None
+
+
+def _slice(t, lo, hi):
+    return None if t is None else t[lo:hi]
+
+
+def fused_policy_loss(
+    hidden, weight, targets, cu_seqlens, advantages, *, old_logps=None, ref_logps=None, loss_type="dr_grpo",
+    epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0, normaliser=None,
+    return_entropy=False, backend="auto", grad_in_forward=None,
+) -> PolicyLossOutput:
+    """GRPO-family loss on packed completion tokens, straight from hidden states.
+
+    hidden [N, H] (completion positions of B sequences end to end), weight [V, H], targets [N],
+    cu_seqlens [B + 1], advantages [B], old_logps / ref_logps [N] or None. Per token (see
+    loss.per_token_policy_loss) l_t = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) + beta KL_t, and
+    loss = sum_t w_t l_t / normaliser with w_t = 1 / len(seq(t)) for 'grpo', else 1. The normaliser
+    is the trainer's (fixed per optimizer step) and is never recomputed here.
+
+    grad_in_forward (default: on when grad is enabled and hidden or weight needs it, torch/triton
+    backends): every supported loss is token-level, so dL/dlogp_t is known as soon as logp_t is;
+    dX and dW are then computed in the forward and backward only scales them.
+    """
+    _check_inputs(hidden, weight, targets, temperature)
+    check_loss_args(loss_type, normaliser, beta, ref_logps, kl_estimator, epsilon)
+    n_seq = cu_seqlens.numel() - 1
+    if advantages.shape != (n_seq,):
+        raise ValueError(f"advantages must be [B] = [{n_seq}] (one per sequence), got {tuple(advantages.shape)}")
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None and t.shape != targets.shape:
+            raise ValueError(f"{name} must be [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
+    b = resolve_backend(backend, hidden)
+    kw = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator)
+    if b == "liger":
+        from .liger import liger_policy_loss
+
+        return liger_policy_loss(hidden, weight, targets, cu_seqlens, advantages, old_logps=old_logps,
+                                 ref_logps=ref_logps, loss_type=loss_type, temperature=temperature,
+                                 normaliser=normaliser, return_entropy=return_entropy, **kw)
+
+    n = hidden.shape[0]
+    adv_tok = broadcast_to_tokens(advantages.float(), cu_seqlens, n)  # [N], no padding
+    if grad_in_forward is None:
+        grad_in_forward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if grad_in_forward and b != "reference":
+        tok_w = None
+        if loss_type == "grpo":  # sequence mean == weight 1/len on each token
+            tok_w = (1.0 / seq_lengths(cu_seqlens).clamp(min=1).float())[segment_ids(cu_seqlens, n)]
+
+        def grad_fn(lo, hi, lp):
+            with torch.enable_grad():
+                lp = lp.detach().requires_grad_(True)
+                per_tok, _ = per_token_policy_loss(lp, adv_tok[lo:hi], _slice(old_logps, lo, hi),
+                                                   _slice(ref_logps, lo, hi), **kw)
+                if tok_w is not None:
+                    per_tok = per_tok * tok_w[lo:hi]
+                loss_c = per_tok.sum() / normaliser
+                (g,) = torch.autograd.grad(loss_c, lp)
+            return loss_c.detach(), g
+
+        loss, logps, ent = _EagerLoss.apply(hidden, weight, _impl(b).logprob_fwd_bwd, targets, float(temperature),
+                                            return_entropy, grad_fn)
+        ent = ent if return_entropy else None
+    else:
+        if b == "reference":
+            logps, ent = logprob_reference(hidden, weight, targets, temperature)
+            ent = ent.detach() if return_entropy else None
+        else:
+            logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy)
+        per_tok, _ = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, **kw)
+        seg_backend = "triton" if b == "triton" else "torch"
+        total = segment_mean(per_tok, cu_seqlens, seg_backend).sum() if loss_type == "grpo" else per_tok.sum()
+        loss = total / normaliser
+        logps = logps.detach()
+    return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent, **kw))
+
+
+@torch.no_grad()
+def token_metrics(logps, adv_tok, old_logps, ref_logps, entropy, **kw) -> dict[str, torch.Tensor]:
+    """clip_fraction, kl_mean (beta != 0), entropy_mean (if given): token means as 0-d tensors."""
+    _, m = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, **kw)
+    denom = max(logps.numel(), 1)
+    out = {"clip_fraction": m["clipped"].float().sum() / denom}
+    if "kl" in m:
+        out["kl_mean"] = m["kl"].sum() / denom
+    if entropy is not None:
+        out["entropy_mean"] = entropy.sum() / denom
+    return out

@@ -1,0 +1,91 @@
+"""Per-token GRPO-family policy loss on [N] vectors: ratio, PPO clip, KL estimators.
+
+This is the one place the per-token maths lives. Every backend (reference, torch, triton, and the
+trainer through ``fastdash.algo``) calls `per_token_policy_loss`; the backends differ only in how
+they get ``logps`` out of the [N, V] lm_head product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+
+    k1 = logp - r; k2 = 0.5 (logp - r)^2; k3 = exp(r - logp) - (r - logp) - 1 (unbiased, >= 0).
+    """
+    if estimator == "k3":
+        d = ref_logps - logps
+        return torch.exp(d) - d - 1.0
+    if estimator == "k1":
+        return logps - ref_logps
+    if estimator == "k2":
+        return 0.5 * (logps - ref_logps) ** 2
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def per_token_policy_loss(
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-surrogate loss plus beta * KL, per token.
+
+    Args:
+        logps: [N] fp32 log-probs of the sampled tokens under the current policy (may need grad).
+        advantages: [N] advantage of each token's sequence (already broadcast to tokens).
+        old_logps: [N] log-probs under the sampling policy; None means K = 1 (ratio = 1, but the
+            gradient is the vanilla policy gradient because old = logps.detach()).
+        ref_logps: [N] reference-policy log-probs; required when beta > 0.
+        epsilon, epsilon_high: ratio clipped to [1 - epsilon, 1 + epsilon_high]; epsilon_high
+            defaults to epsilon.
+    Returns:
+        per_token_loss [N] (fp32, differentiable in logps) and per-token metrics (detached):
+        ``clipped`` [N] bool, where the clipped branch is active (no gradient from the surrogate),
+        and ``kl`` [N] when beta > 0.
+    """
+    eps_hi = epsilon if epsilon_high is None else epsilon_high
+    old = logps.detach() if old_logps is None else old_logps.float()
+    adv = advantages.float()
+    ratio = torch.exp(logps - old)
+    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_hi)
+    loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    with torch.no_grad():
+        clipped = ((ratio < 1.0 - epsilon) & (adv < 0)) | ((ratio > 1.0 + eps_hi) & (adv > 0))
+    metrics = {"clipped": clipped}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("ref_logps is required when beta != 0 (got beta=%r, ref_logps=None)" % beta)
+        kl = kl_per_token(logps, ref_logps.float(), kl_estimator)
+        loss = loss + beta * kl
+        metrics["kl"] = kl.detach()
+    return loss, metrics
+
+
+def check_loss_args(loss_type: str, normaliser, beta: float, ref_logps, kl_estimator: str, epsilon: float) -> None:
+    """ValueErrors for the public entry points (naming field, expected and actual)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"ref_logps is required when beta != 0, got beta={beta} and ref_logps=None")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if normaliser is None:
+        raise ValueError("normaliser is required (the trainer fixes it for the whole optimizer step)")
+    # A CUDA tensor normaliser is not checked: reading it would be a host sync on the hot path.
+    if isinstance(normaliser, torch.Tensor) and normaliser.is_cuda:
+        return
+    if not float(normaliser) > 0:
+        raise ValueError(f"normaliser must be > 0, got {float(normaliser)}")
