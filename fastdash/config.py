@@ -1,5 +1,8 @@
 """One typed config: dataclass defaults <- YAML recipe <- `key=value` overrides, validated up front.
 
+The defaults are the tiny CPU run (`python -m fastdash.train` with no arguments); the paper's runs
+are recipes in `recipes/` that set the paper's values (comments below give them).
+
 Names follow TRL's GRPOConfig where TRL has the concept, so a TRL user can read a recipe as is.
 Batch shape, one set of knobs for every variant (paper, section 3):
   DASH          generation_batch_size = train_batch_size = 256  (one engine call per step)
@@ -10,6 +13,7 @@ Batch shape, one set of knobs for every variant (paper, section 3):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -39,16 +43,16 @@ class Config:
     reward: str | None = None  # registry name or dotted path; None = the task's reward
     num_train_problems: int = 50_000  # built-in task only
     num_eval_problems: int = 500
-    max_prompt_length: int = 256
+    max_prompt_length: int = 16  # tokens; the paper: 256
     shuffle: bool = True
     # --- rollout ---
     engine: str = "auto"
     num_generations: int = 4
     generation_batch_size: int = 256  # samples per engine call
-    max_completion_length: int = 2048
-    temperature: float = 0.9
+    max_completion_length: int = 8  # the paper: 2048
+    temperature: float = 1.0  # the paper: 0.9
     top_p: float = 1.0
-    top_k: int = 50
+    top_k: int = 0  # the paper: 50
     mask_truncated_completions: bool = False
     length_control_mean: int = 0  # benchmarks: force EOS at lengths ~ this mean (0 = off)
     # --- the paper's maths ---
@@ -70,7 +74,7 @@ class Config:
     kernel: str = "auto"
     gradient_checkpointing: bool = False
     # --- optimiser ---
-    learning_rate: float = 3e-6
+    learning_rate: float = 1e-4  # the paper: 3e-6 (for 0.5B-3B models)
     lr_scheduler_type: str = "linear"  # linear | constant
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -136,7 +140,7 @@ class Config:
         for key in ("train_batch_size", "generation_batch_size"):
             if getattr(self, key) <= 0 or getattr(self, key) % G:
                 bad(key, f"must be a positive multiple of num_generations={G}")
-        big, small = sorted((self.generation_batch_size, self.train_batch_size))
+        small, big = sorted((self.generation_batch_size, self.train_batch_size))
         if big % small:
             bad("generation_batch_size", f"one of generation_batch_size and train_batch_size="
                 f"{self.train_batch_size} must divide the other")
@@ -214,7 +218,7 @@ def apply_overrides(values: dict, overrides: dict) -> dict:
     for key, raw in overrides.items():
         top = key.split(".", 1)[0]
         if top not in types:
-            close = [k for k in types if k.startswith(top[:4])] or sorted(types)[:8]
+            close = difflib.get_close_matches(top, list(types), n=3, cutoff=0.6) or sorted(types)
             raise ValueError(f"config: unknown key {key!r}; did you mean one of {close}? "
                              "(`python -m fastdash.train --help` lists every option)")
         if "." in key:  # dotted key into a dict field, e.g. extra.my_option=3

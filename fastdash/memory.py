@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import re
+import time
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -52,6 +54,7 @@ class MemoryProbe(Protocol):
 class CudaMemoryProbe:
     def __init__(self, device: torch.device | str | int | None = None):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        self.clock = time.perf_counter  # `measure` synchronizes, so wall time around it is device time
 
     def total_bytes(self) -> int:
         return int(torch.cuda.mem_get_info(self.device)[1])
@@ -109,9 +112,10 @@ def _malloc_trim() -> None:
 class CpuMemoryProbe:
     """Process RSS based probe. `memory_budget` (bytes) caps what the run may use in total."""
 
-    def __init__(self, memory_budget: int | None = None):
+    def __init__(self, memory_budget: int | None = None, clock: Callable[[], float] = time.perf_counter):
         self.device = torch.device("cpu")
         self.memory_budget = memory_budget
+        self.clock = clock  # time.process_time on a shared machine (with one torch thread)
 
     def rss_bytes(self) -> int:
         return _proc_status_kib("VmRSS") * _KIB
@@ -221,8 +225,10 @@ def ensure_grads(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return missing
 
 
-def measure_activations(model: torch.nn.Module, probe: MemoryProbe, step: Callable[[int], object]) -> Callable[[int], int]:
+def measure_activations(model: torch.nn.Module, probe: MemoryProbe, step: Callable[[int], object],
+                        times: dict[int, float] | None = None) -> Callable[[int], int]:
     """`f(T) -> bytes`: the peak above resting state (weights + grads allocated) of `step(T)`.
+    When `times` is given, `times[T]` gets the seconds of `step(T)` by `probe.clock`.
 
     The caller allocates the grads first (`ensure_grads`) and restores them afterwards (see
     `fastdash.scheduler.plan_memory`); each call zeroes them, overwriting existing values.
@@ -230,6 +236,16 @@ def measure_activations(model: torch.nn.Module, probe: MemoryProbe, step: Callab
 
     def f(tokens: int) -> int:
         model.zero_grad(set_to_none=False)
-        return probe.measure(lambda: step(tokens))
+        clock = getattr(probe, "clock", time.perf_counter)
+
+        def timed_step():  # times the step alone, not the probe's cache clearing around it
+            t0 = clock()
+            step(tokens)
+            if probe.device.type == "cuda":
+                torch.cuda.synchronize(probe.device)
+            if times is not None:  # best of repeated calls: other load only ever adds time
+                times[tokens] = min(clock() - t0, times.get(tokens, math.inf))
+
+        return probe.measure(timed_step)
 
     return f

@@ -79,6 +79,8 @@ class MemoryPlan:
     generation_headroom_bytes: int
     gpu_memory_utilization: float | None = None  # vLLM only
     vllm_sleep: bool | None = None
+    memory_max_tokens: int = 0  # the largest budget that fits (before the throughput limit)
+    fastest_tokens: int | None = None  # where measured tokens/s peaks, when it does inside the range
     pinned: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -116,6 +118,8 @@ class MemoryPlan:
             ("sample length (worst)", str(self.sample_len)),
             ("samples per step", str(self.samples_per_step)),
             ("max_tokens_per_microbatch" + mark("max_tokens_per_microbatch"), str(self.max_tokens_per_microbatch)),
+            ("largest budget that fits", str(self.memory_max_tokens)),
+            ("fastest budget (probe timing)", str(self.fastest_tokens or "-")),
             ("micro-batches / step (worst)", str(self.microbatches_per_step)),
             ("backprop peak (predicted)", gib(self.backprop_peak_bytes)),
             ("backprop headroom", gib(self.backprop_headroom_bytes)),
@@ -212,15 +216,16 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 
 def _solve_tokens(fit: ActivationFit, room: int, L: int, M: int, need_msg: str) -> int:
-    """Largest T that fits in `room`, capped at the whole step (M samples of L tokens)."""
+    """Largest whole number of worst-case samples' tokens (n * L) that fits in `room`, capped at
+    the whole step (M samples)."""
     tokens = fit.max_tokens(room)
     if tokens < L:
         raise MemoryPlanError(f"one worst-case sample of {L} tokens is predicted to need {fit(L) / GiB:.3f} GiB "
                               f"of activations, {room / GiB:.3f} GiB left after the fixed part: {need_msg}")
-    return min(tokens, M * L)
+    return min(tokens, M * L) // L * L
 
 
-def _verify_tokens(activation_fn, points: list[tuple[int, int]], tokens: int, room: int, rounds: int) -> int:
+def _verify_tokens(activation_fn, points: list[tuple[int, int]], tokens: int, room: int, rounds: int, L: int) -> int:
     """Measure at the chosen budget; if it does not fit, bracket between the largest measured point
     that fits and the smallest that does not (secant, safe for convex growth) and try again.
 
@@ -243,10 +248,25 @@ def _verify_tokens(activation_fn, points: list[tuple[int, int]], tokens: int, ro
         t0, p0 = max(p for p in points if p[1] <= room)
         t1, p1 = min(p for p in points if p[1] > room)
         slope = (p1 - p0) / (t1 - t0)
-        tokens = max(t0, t0 + int((room - p0) // slope))
+        tokens = max(t0, (t0 + int((room - p0) // slope)) // L * L)
     if failed:  # out of rounds: fall back to the largest budget measured to fit
         tokens = max(t for t, p in points if p <= room)
     return tokens
+
+
+def _fastest_tokens(times: dict[int, float], memory_tokens: int, tolerance: float = 0.98) -> int | None:
+    """Where the probes' tokens/s stops growing: None when the largest probed size that fits is
+    within `tolerance` of the best (bigger is at least as fast: fill memory); else the largest
+    probed size within `tolerance` of the best. Time per token grows with T when attention spans
+    the whole packed row (sdpa with a block mask on CPU); with varlen attention it does not.
+    """
+    rates = {t: t / max(dt, 1e-9) for t, dt in times.items() if t <= memory_tokens}
+    if not rates:
+        return None
+    best = max(rates.values())
+    if rates[max(rates)] >= tolerance * best:
+        return None
+    return max(t for t, r in rates.items() if r >= tolerance * best)
 
 
 def plan_memory(
@@ -268,8 +288,10 @@ def plan_memory(
     probe: MemoryProbe | None = None,
     probe_step: Callable[[int], object] | None = None,
     activation_fn: Callable[[int], int] | None = None,
-    probe_samples: tuple[int, ...] = (1, 2, 4),
-    verify_rounds: int = 3,
+    probe_samples: tuple[int, ...] = (1, 2, 4, 8),
+    probe_repeats: int = 3,
+    verify_rounds: int = 4,
+    throughput_aware: bool = True,
     resident_bytes: int | None = None,
     kv_dtype_bytes: int | None = None,
     vllm_overhead_bytes: int = GiB,
@@ -283,8 +305,8 @@ def plan_memory(
     predicted not to fit. `probe_step(T)` runs one forward+backward over T packed tokens (default:
     `fastdash.memory.probe_forward_backward`, worst-case samples); `activation_fn(T) -> peak
     bytes` replaces the measurement altogether (tests);
-    `resident_bytes` (default: the model's weights if they live on the probe's device) is what
-    the free measurement already excludes but the fixed part counts. With vLLM, planning assumes
+    `resident_bytes` (default: the model's weights and allocated grads on the probe's device) is
+    what the free measurement already excludes but the fixed part counts. With vLLM, planning assumes
     it shares this device; `vllm_sleep` means it frees weights and KV cache during backprop.
     """
     if engine not in ("hf", "vllm"):
@@ -308,111 +330,130 @@ def plan_memory(
     ref_bytes = weights if beta > 0 else 0
     fixed = weights + grad_bytes + opt_bytes + ref_bytes
 
-    # ---- measured capacity
-    total, free = probe.total_bytes(), probe.free_bytes()
-    if resident_bytes is None:
-        resident_bytes = weights if device.type == probe.device.type else 0
-    usable = int(safety * (free + resident_bytes))
-    dynamic = usable - fixed
-    need_msg = (f"measured free {free / GiB:.3f} GiB + resident {resident_bytes / GiB:.3f} GiB, "
-                f"x safety {safety} = {usable / GiB:.3f} GiB usable; fixed part (weights {weights / GiB:.3f} "
-                f"+ grads {grad_bytes / GiB:.3f} + optimizer {opt_bytes / GiB:.3f} + reference "
-                f"{ref_bytes / GiB:.3f}) = {fixed / GiB:.3f} GiB")
-    if dynamic <= 0:
-        raise MemoryPlanError(f"the fixed part alone does not fit: {need_msg}")
-
-    # ---- generation (before backprop: a colocated vLLM that stays awake takes its share first)
-    dtype_bytes = kv_dtype_bytes or next(model.parameters()).element_size()
-    kv_tok = kv_bytes_per_token(model.config, dtype_bytes)
-    kv_seq = kv_tok * L
-    warnings: list[str] = []
-    util = None
-    train_dynamic = dynamic
-    if engine == "hf":
-        per_seq = kv_seq + LOGITS_COPIES * 4 * model.config.vocab_size
-        gen_fit = dynamic // per_seq
-        gen_batch = pin_gen or min(M_gen, gen_fit)
-        gen_peak = fixed + gen_batch * per_seq
-    else:
-        # vLLM holds its own weight copy, its activations/graphs (overhead) and the KV cache.
-        vllm_room = dynamic if vllm_sleep else dynamic // 2
-        if pin_util is not None:
-            vllm_room = int(pin_util * total)
-        gen_fit = max(0, (vllm_room - weights - vllm_overhead_bytes) // kv_seq)
-        gen_batch = pin_gen or min(M_gen, gen_fit)
-        vllm_bytes = weights + vllm_overhead_bytes + gen_batch * kv_seq
-        if pin_util is None and not vllm_sleep:
-            vllm_bytes = min(vllm_bytes, vllm_room)
-        util = pin_util if pin_util is not None else math.floor(100 * max(vllm_bytes, 1) / total) / 100
-        gen_peak = fixed + int(util * total)
-        if not vllm_sleep:
-            train_dynamic = dynamic - int(util * total)
-    if gen_fit < 1 and pin_gen is None:
-        raise MemoryPlanError(f"not even one generation sequence of {L} tokens fits "
-                              f"({kv_seq / GiB:.3f} GiB KV cache each): {need_msg}")
-    if pin_gen is not None and pin_gen > gen_fit:
-        warnings.append(f"generation_concurrency={pin_gen} is over the {gen_fit} sequences predicted to fit; "
-                        "expect OOM back-off in generation")
-    if pin_util is not None and gen_peak > usable:
-        warnings.append(f"gpu_memory_utilization={pin_util} plus the trainer's fixed part needs "
-                        f"{gen_peak / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable")
-
-    # ---- activations: worst-case probe, then verify at the chosen budget
-    restore = []
-    if activation_fn is None:
-        restore = ensure_grads(model)
-        if probe_step is None:
-            probe_step = functools.partial(probe_forward_backward, model, sample_len=L,
-                                           completion_len=max_completion_length)
-        activation_fn = measure_activations(model, probe, probe_step)
-        activation_fn(L)  # warm-up: first-call allocations (thread pools, kernels) are not activations
+    # ---- probe set-up first: its first-call allocations (imports, thread pools, kernels) and the
+    # grads it allocates are resident when the free memory is measured
+    restore, times, measured = [], {}, None
     try:
+        if activation_fn is None:
+            restore = ensure_grads(model)
+            if probe_step is None:
+                probe_step = functools.partial(probe_forward_backward, model, sample_len=L,
+                                               completion_len=max_completion_length)
+            activation_fn = measured = measure_activations(model, probe, probe_step, times)
+            try:
+                activation_fn(L)  # warm-up; its peak is measured again below
+            except BaseException as e:
+                if not is_oom_error(e):
+                    raise
+                raise MemoryPlanError(f"one worst-case sample of {L} tokens runs out of memory in the probe "
+                                      f"forward+backward ({str(e).splitlines()[0][:200]})") from None
+
+        # ---- measured capacity
+        total, free = probe.total_bytes(), probe.free_bytes()
+        if resident_bytes is None:  # what is allocated now and counted in `fixed`: weights, grads
+            on_device = [p for p in model.parameters() if p.device.type == probe.device.type]
+            resident_bytes = (sum(p.numel() * p.element_size() for p in on_device)
+                              + sum(p.grad.numel() * p.grad.element_size() for p in on_device if p.grad is not None))
+            if on_device:
+                resident_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+        usable = int(safety * (free + resident_bytes))
+        dynamic = usable - fixed
+        need_msg = (f"measured free {free / GiB:.3f} GiB + resident {resident_bytes / GiB:.3f} GiB, "
+                    f"x safety {safety} = {usable / GiB:.3f} GiB usable; fixed part (weights {weights / GiB:.3f} "
+                    f"+ grads {grad_bytes / GiB:.3f} + optimizer {opt_bytes / GiB:.3f} + reference "
+                    f"{ref_bytes / GiB:.3f}) = {fixed / GiB:.3f} GiB")
+        if dynamic <= 0:
+            raise MemoryPlanError(f"the fixed part alone does not fit: {need_msg}")
+
+        # ---- generation (before backprop: a colocated vLLM that stays awake takes its share first)
+        dtype_bytes = kv_dtype_bytes or next(model.parameters()).element_size()
+        kv_tok = kv_bytes_per_token(model.config, dtype_bytes)
+        kv_seq = kv_tok * L
+        warnings: list[str] = []
+        util = None
+        train_dynamic = dynamic
+        if engine == "hf":
+            per_seq = kv_seq + LOGITS_COPIES * 4 * model.config.vocab_size
+            gen_fit = dynamic // per_seq
+            gen_batch = pin_gen or min(M_gen, gen_fit)
+            gen_peak = fixed + gen_batch * per_seq
+        else:
+            # vLLM holds its own weight copy, its activations/graphs (overhead) and the KV cache.
+            vllm_room = dynamic if vllm_sleep else dynamic // 2
+            if pin_util is not None:
+                vllm_room = int(pin_util * total)
+            gen_fit = max(0, (vllm_room - weights - vllm_overhead_bytes) // kv_seq)
+            gen_batch = pin_gen or min(M_gen, gen_fit)
+            vllm_bytes = weights + vllm_overhead_bytes + gen_batch * kv_seq
+            if pin_util is None and not vllm_sleep:
+                vllm_bytes = min(vllm_bytes, vllm_room)
+            util = pin_util if pin_util is not None else math.floor(100 * max(vllm_bytes, 1) / total) / 100
+            gen_peak = fixed + int(util * total)
+            if not vllm_sleep:
+                train_dynamic = dynamic - int(util * total)
+        if gen_fit < 1 and pin_gen is None:
+            raise MemoryPlanError(f"not even one generation sequence of {L} tokens fits "
+                                  f"({kv_seq / GiB:.3f} GiB KV cache each): {need_msg}")
+        if pin_gen is not None and pin_gen > gen_fit:
+            warnings.append(f"generation_concurrency={pin_gen} is over the {gen_fit} sequences predicted to fit; "
+                            "expect OOM back-off in generation")
+        if pin_util is not None and gen_peak > usable:
+            warnings.append(f"gpu_memory_utilization={pin_util} plus the trainer's fixed part needs "
+                            f"{gen_peak / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable")
+
+        # ---- activations: worst-case probe, then verify at the chosen budget
         points: list[tuple[int, int]] = []
         for n in sorted({min(n, M) for n in probe_samples}):
             t = n * L
             if points and fit_activation(points)(t) > train_dynamic:
                 break
-            points.append((t, int(activation_fn(t))))
+            repeats = probe_repeats if activation_fn is measured else 1
+            points.append((t, max(int(activation_fn(t)) for _ in range(repeats))))
         fit = fit_activation(points)
         if points[0][1] > train_dynamic:
             raise MemoryPlanError(f"one worst-case sample of {L} tokens needs {points[0][1] / GiB:.3f} GiB of "
                                   f"activations, {train_dynamic / GiB:.3f} GiB left after the fixed part: {need_msg}")
         tokens = _solve_tokens(fit, train_dynamic, L, M, need_msg)
-        tokens = _verify_tokens(activation_fn, points, tokens, train_dynamic, verify_rounds)
+        tokens = _verify_tokens(activation_fn, points, tokens, train_dynamic, verify_rounds, L)
+        memory_tokens, fastest = tokens, None
+        if throughput_aware and times:
+            fastest = _fastest_tokens(times, tokens)
+            tokens = min(tokens, fastest or tokens)
         probed = max(t for t, _ in points[:len(probe_samples)])
         fit = fit_activation(points if tokens <= probed else sorted(p for p in points if p[0] <= tokens)[-3:])
+        auto_tokens = tokens
+        tokens = pin_tokens or auto_tokens
+        if pin_tokens is not None:
+            if pin_tokens < L:
+                warnings.append(f"max_tokens_per_microbatch={pin_tokens} is below the longest sample ({L} tokens)")
+            if pin_tokens > auto_tokens and fit(pin_tokens) > train_dynamic:
+                warnings.append(f"max_tokens_per_microbatch={pin_tokens} is predicted to need "
+                                f"{(fixed + fit(pin_tokens)) / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable "
+                                f"(the largest that fits: {memory_tokens}); expect OOM back-off")
+        per_mb = max(1, tokens // L)
+        train_peak = int(fixed + fit(tokens))
+        train_budget = fixed + train_dynamic
+
+        return MemoryPlan(
+            device=str(probe.device), engine=engine, total_bytes=int(total), free_bytes=int(free),
+            resident_bytes=int(resident_bytes), safety=safety, usable_bytes=usable,
+            weights_bytes=weights, grads_bytes=grad_bytes, optimizer_bytes=opt_bytes, reference_bytes=ref_bytes,
+            fixed_bytes=fixed, activation_base_bytes=fit.c, activation_bytes_per_token=fit.s,
+            activation_bytes_per_token_sq=fit.q, probe_points=points,
+            sample_len=L, samples_per_step=M, max_tokens_per_microbatch=tokens, backprop_peak_bytes=train_peak,
+            backprop_headroom_bytes=int(train_budget - train_peak), microbatches_per_step=math.ceil(M / per_mb),
+            kv_bytes_per_token=kv_tok, generation_concurrency=gen_batch, generation_peak_bytes=int(gen_peak),
+            generation_headroom_bytes=int(usable - gen_peak), gpu_memory_utilization=util,
+            vllm_sleep=vllm_sleep if engine == "vllm" else None,
+            memory_max_tokens=memory_tokens, fastest_tokens=fastest,
+            pinned=[k for k, v in (("max_tokens_per_microbatch", pin_tokens),
+                                   ("max_num_seqs" if engine == "vllm" else "generation_concurrency", pin_gen),
+                                   ("gpu_memory_utilization", pin_util)) if v is not None],
+            warnings=warnings,
+        )
     finally:
         for p in restore:
             p.grad = None
-    auto_tokens = tokens
-    tokens = pin_tokens or auto_tokens
-    if pin_tokens is not None:
-        if pin_tokens < L:
-            warnings.append(f"max_tokens_per_microbatch={pin_tokens} is below the longest sample ({L} tokens)")
-        if pin_tokens > auto_tokens and fit(pin_tokens) > train_dynamic:
-            warnings.append(f"max_tokens_per_microbatch={pin_tokens} is predicted to need "
-                            f"{(fixed + fit(pin_tokens)) / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable "
-                            f"(auto would pick {auto_tokens}); expect OOM back-off")
-    per_mb = max(1, tokens // L)
-    train_peak = int(fixed + fit(tokens))
-    train_budget = fixed + train_dynamic
-
-    return MemoryPlan(
-        device=str(probe.device), engine=engine, total_bytes=int(total), free_bytes=int(free),
-        resident_bytes=int(resident_bytes), safety=safety, usable_bytes=usable,
-        weights_bytes=weights, grads_bytes=grad_bytes, optimizer_bytes=opt_bytes, reference_bytes=ref_bytes,
-        fixed_bytes=fixed, activation_base_bytes=fit.c, activation_bytes_per_token=fit.s,
-        activation_bytes_per_token_sq=fit.q, probe_points=points,
-        sample_len=L, samples_per_step=M, max_tokens_per_microbatch=tokens, backprop_peak_bytes=train_peak,
-        backprop_headroom_bytes=int(train_budget - train_peak), microbatches_per_step=math.ceil(M / per_mb),
-        kv_bytes_per_token=kv_tok, generation_concurrency=gen_batch, generation_peak_bytes=int(gen_peak),
-        generation_headroom_bytes=int(usable - gen_peak), gpu_memory_utilization=util,
-        vllm_sleep=vllm_sleep if engine == "vllm" else None,
-        pinned=[k for k, v in (("max_tokens_per_microbatch", pin_tokens),
-                               ("max_num_seqs" if engine == "vllm" else "generation_concurrency", pin_gen),
-                               ("gpu_memory_utilization", pin_util)) if v is not None],
-        warnings=warnings,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,8 +80,16 @@ class Trainer:
         self.sampler = PromptSampler(len(run.train_problems), cfg.seed, cfg.shuffle, self.state)
         self.timer = run.timer
         self.buffer: list[list[Sample]] = []  # step batches of the current rollout
-        self.budget = run.plan.max_tokens_per_microbatch if cfg.packing else None
+        self.budget = self._initial_budget() if cfg.packing else None
         self.lm_head = self.model.get_output_embeddings()
+
+    def _initial_budget(self) -> int:
+        """Pinned budget, else the scheduler's plan, else room for the longest possible sample."""
+        if isinstance(self.cfg.max_tokens_per_microbatch, int):
+            return self.cfg.max_tokens_per_microbatch
+        if self.run.plan is not None:
+            return self.run.plan.max_tokens_per_microbatch
+        return self.cfg.max_prompt_length + self.cfg.max_completion_length
 
     # ------------------------------------------------------------------ rollout ------------------
     def rollout(self) -> dict:
@@ -193,7 +201,8 @@ class Trainer:
         with self.timer("backward"):
             if cfg.packing:
                 stats = run_with_oom_backoff(lambda budget: self._backward_all(kept, normaliser, budget),
-                                             self.budget, on_backoff=self._on_oom, plan=self.run.plan)
+                                             self.budget, on_backoff=self._on_oom, plan=self.run.plan,
+                                             min_budget=max(s.length for s in kept))
             else:
                 stats = self._backward_all(kept, normaliser, None)
         metrics.update(stats)

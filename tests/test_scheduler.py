@@ -80,10 +80,11 @@ def fake_plan(model, free=64 * MiB, act=None, **kw):
     return plan_memory(model, probe=FakeProbe(free), activation_fn=act, **args), act
 
 
-def room(model, free, safety=0.9, beta=0.0):
-    """Bytes left for activations, by hand: fp32 weights + grads + AdamW (2 fp32 states)."""
+def room(model, free, safety=0.9, beta=0.0, grads_resident=False):
+    """Bytes left for activations, by hand: fp32 weights + grads + AdamW (2 fp32 states).
+    The free measurement excludes the weights, and the grads when the real probe path allocated them."""
     n, w = param_count(model.config), weight_bytes(model)
-    usable = int(safety * (free + w))
+    usable = int(safety * (free + w + (4 * n if grads_resident else 0)))
     return usable - w - 12 * n - (w if beta > 0 else 0)
 
 
@@ -99,9 +100,9 @@ def test_plan_fills_the_budget_exactly():
     assert plan.weights_bytes == weight_bytes(model) and plan.grads_bytes == 4 * n and plan.optimizer_bytes == 8 * n
     r = room(model, 64 * MiB)
     T = plan.max_tokens_per_microbatch
-    assert T == (r - MiB) // 20_000
-    assert act(T) <= r < act(T + 1)  # the largest budget that fits, and it does fit
-    assert plan.backprop_headroom_bytes >= 0 and plan.backprop_headroom_bytes < 20_000 + 1
+    assert T == (r - MiB) // 20_000 // L * L  # whole worst-case samples
+    assert act(T) <= r < act(T + L)  # the largest budget that fits, and it does fit
+    assert 0 <= plan.backprop_headroom_bytes < 20_000 * L
     assert plan.microbatches_per_step == math.ceil(32 / (T // L))
     assert min(act.calls) == L  # probes start at one worst-case sample
 
@@ -112,11 +113,11 @@ def test_plan_scales_with_model_size_and_reference_model():
     p_big, _ = fake_plan(big)
     extra = param_count(big.config) - param_count(small.config)
     assert p_big.fixed_bytes - p_small.fixed_bytes == 16 * extra
-    assert p_big.max_tokens_per_microbatch == (room(big, 64 * MiB) - MiB) // 20_000
+    assert p_big.max_tokens_per_microbatch == (room(big, 64 * MiB) - MiB) // 20_000 // L * L
     assert p_big.max_tokens_per_microbatch < p_small.max_tokens_per_microbatch
     p_ref, _ = fake_plan(small, beta=0.04)
     assert p_ref.reference_bytes == weight_bytes(small)
-    assert p_ref.max_tokens_per_microbatch == (room(small, 64 * MiB, beta=0.04) - MiB) // 20_000
+    assert p_ref.max_tokens_per_microbatch == (room(small, 64 * MiB, beta=0.04) - MiB) // 20_000 // L * L
 
 
 @pytest.mark.parametrize("completion", [96, 224, 480])
@@ -127,7 +128,7 @@ def test_plan_scales_with_sequence_length(completion):
     plan, _ = fake_plan(model, act=act, max_completion_length=completion)
     r = room(model, 64 * MiB)
     assert plan.sample_len == Ls
-    assert plan.max_tokens_per_microbatch == min(int((r - MiB) // (8_000 + 40.0 * Ls)), 32 * Ls)
+    assert plan.max_tokens_per_microbatch == min(int((r - MiB) // (8_000 + 40.0 * Ls)), 32 * Ls) // Ls * Ls
     kv = 2 * 2 * 2 * 16 * 4  # K,V x layers x kv_heads x head_dim x fp32
     assert plan.kv_bytes_per_token == kv == kv_bytes_per_token(model.config, 4)
     assert plan.generation_concurrency == min(32, r // (kv * Ls + 4 * 4 * 512))
@@ -155,9 +156,43 @@ def test_curved_activations_are_caught_by_the_verification_probe():
 
     plan, _ = fake_plan(model, act=act)
     r = room(model, 64 * MiB)
-    best = (r - MiB + 60_000 * 4 * L) // 80_000  # the true largest fitting budget
-    assert 0.9 * best <= plan.max_tokens_per_microbatch <= best
+    best = (r - MiB + 60_000 * 4 * L) // 80_000 // L * L  # the true largest fitting budget
+    assert plan.max_tokens_per_microbatch == best
     assert len(plan.probe_points) >= 4  # it measured at the chosen budget
+
+
+class TimedFakeProbe(FakeProbe):
+    """Runs the probe step; its clock advances by a + g * T^2 seconds per step of T tokens."""
+
+    def __init__(self, free, act, a, g):
+        super().__init__(free)
+        self.act, self.a, self.g, self.now, self.last = act, a, g, 0.0, None
+
+    def clock(self):
+        return self.now
+
+    def step(self, T):
+        self.last, self.now = T, self.now + self.a + self.g * T * T
+
+    def measure(self, fn):
+        fn()
+        return self.act(self.last)
+
+
+@pytest.mark.parametrize("a, g, expected", [(1.0, 0.0, None), (1.0, 1e-6, 8 * L), (1.0, 1e-5, 2 * L)])
+def test_budget_stops_where_tokens_per_second_peaks(a, g, expected):
+    """tokens/s = T / (a + g T^2) peaks at sqrt(a / g): 1000 and 316 tokens; the plan takes the
+    probed size nearest below the peak (probes at 1, 2, 4, 8 samples of L = 128, and at the memory
+    limit of 22 samples). With g = 0 memory is the only limit."""
+    model = tiny_model()
+    act = FakeActivations(a=20_000, c=MiB, L=L)
+    probe = TimedFakeProbe(64 * MiB, act, a, g)
+    plan = plan_memory(model, probe=probe, probe_step=probe.step, **BASE)
+    memory_max = (room(model, 64 * MiB, grads_resident=True) - MiB) // 20_000 // L * L
+    assert plan.memory_max_tokens == memory_max
+    assert plan.fastest_tokens == expected
+    assert plan.max_tokens_per_microbatch == min(memory_max, expected or memory_max)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_quadratic_fit_is_exact():
@@ -206,10 +241,10 @@ def test_vllm_colocated_plan():
     assert plan.gpu_memory_utilization == math.floor(100 * (w + overhead + plan.generation_concurrency * kv_seq)
                                                      / total) / 100
     # Sleeping vLLM frees everything for backprop; an awake one keeps its share.
-    assert plan.max_tokens_per_microbatch == (r - MiB) // 20_000
+    assert plan.max_tokens_per_microbatch == (r - MiB) // 20_000 // L * L
     awake = plan_memory(model, probe=FakeProbe(free, total), activation_fn=FakeActivations(20_000, MiB, L),
                         vllm_sleep=False, **{**BASE, **args})
-    assert awake.max_tokens_per_microbatch == (r - int(awake.gpu_memory_utilization * total) - MiB) // 20_000
+    assert awake.max_tokens_per_microbatch == (r - int(awake.gpu_memory_utilization * total) - MiB) // 20_000 // L * L
 
 
 def test_table_and_json(tmp_path):
@@ -255,7 +290,7 @@ def test_real_plan_step_stays_within_memory_budget():
     probe = CpuMemoryProbe()
     budget = probe.rss_bytes() + 64 * MiB
     args = dict(max_prompt_length=16, max_completion_length=112, samples_per_step=256)
-    plan = plan_memory(model, memory_budget=budget, **args)
+    plan = plan_memory(model, memory_budget=budget, throughput_aware=False, **args)
     assert 128 <= plan.max_tokens_per_microbatch < 64 * 4 * 128  # memory, not the step, is the limit
     ensure_grads(model)
     opt_state = [torch.zeros(2 * p.numel()) for p in model.parameters()]  # AdamW state, as planned

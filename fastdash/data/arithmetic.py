@@ -1,6 +1,8 @@
 """The built-in task: n-digit addition, seeded, with a held-out split that SFT and RL never see.
 
-Prompts are `"123+456="`, answers `"579"`. A pair (a, b) is held out when a hash of it falls in
+Prompts are `"123+045="`, answers `"8610"`: the sum 0168, zero-padded and written least significant
+digit first. Fixed width puts every digit at a fixed position, and the reversed answer lets a model
+emit each digit right after the carry it depends on: a 0.6M-parameter model learns it in minutes. A pair (a, b) is held out when a hash of it falls in
 the bottom `HELDOUT_PERCENT`; train draws reject those pairs, so no held-out problem can leak
 into SFT or RL whatever the seed.
 """
@@ -16,8 +18,8 @@ def is_heldout(a: int, b: int) -> bool:
     return ((a * 1_000_003 + b) * 2_654_435_761 >> 7) % 100 < HELDOUT_PERCENT
 
 
-def problem(a: int, b: int) -> dict:
-    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+def problem(a: int, b: int, digits: int = 3) -> dict:
+    return {"prompt": f"{a:0{digits}d}+{b:0{digits}d}=", "answer": f"{a + b:0{digits + 1}d}"[::-1]}
 
 
 def make_problems(n: int, *, split: str = "train", seed: int = 0, digits: int = 3) -> list[dict]:
@@ -35,10 +37,6 @@ def make_problems(n: int, *, split: str = "train", seed: int = 0, digits: int = 
         if is_heldout(a, b) != want_heldout or (want_heldout and (a, b) in seen):
             continue
         seen.add((a, b))
-        out.append(problem(a, b))
+        out.append(problem(a, b, digits))
     return out
 
-
-def arithmetic_reward(completion: str, answer: str, **_) -> float:
-    """1.0 when the completion, stripped, is exactly the answer."""
-    return 1.0 if completion.strip() == answer.strip() else 0.0

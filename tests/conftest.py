@@ -1,0 +1,80 @@
+"""Shared test helpers: tiny configs and runs on a random tiny Qwen2, and a deterministic engine."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from fastdash.batch import Completion
+from fastdash.config import Config
+
+
+def tiny_config(**overrides) -> Config:
+    """A seconds-fast config on a random tiny model (no shipped weights needed)."""
+    base = dict(model="random:tiny", max_prompt_length=16, max_completion_length=6, num_eval_problems=20,
+                train_batch_size=16, generation_batch_size=16, micro_batch_size=4, learning_rate=1e-3,
+                max_steps=2, temperature=1.0, top_k=0, num_train_problems=200, plots=False,
+                max_tokens_per_microbatch=64)
+    base.update(overrides)
+    return Config(**base)
+
+
+class ScriptedEngine:
+    """Returns the same completion for (prompt, j-th sample of that prompt) however calls are batched,
+    so two arms that batch generation differently see identical samples."""
+
+    name = "scripted"
+
+    def __init__(self, vocab: int = 20, eos: int = 1, max_len: int = 6):
+        self.vocab, self.eos, self.max_len = vocab, eos, max_len
+        self.calls: list[int] = []
+        self.seen: dict[tuple, int] = {}
+
+    def generate(self, prompts, n, params):
+        self.calls.append(len(prompts) * n)
+        out = []
+        for p in prompts:
+            for _ in range(n):
+                j = self.seen.get(tuple(p), 0)
+                self.seen[tuple(p)] = j + 1
+                h = hashlib.sha256(f"{p}-{j}".encode()).digest()
+                length = 1 + h[0] % params.max_tokens
+                ids = [3 + b % (self.vocab - 3) for b in h[1 : 1 + length]]
+                truncated = h[0] % 5 == 0
+                out.append(Completion(list(p), ids if truncated else ids[:-1] + [self.eos], truncated=truncated))
+        return out
+
+    def sync_weights(self, model):
+        pass
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+
+def digit_sum_reward(completion: str, answer: str, **_) -> float:
+    """A reward that varies across samples of a random model: parity of the digit sum."""
+    return float(sum(int(c) for c in completion if c.isdigit()) % 2)
+
+
+@pytest.fixture
+def scripted_run():
+    from fastdash.runtime import build_run
+
+    def make(**overrides):
+        cfg = tiny_config(**overrides)
+        run = build_run(cfg, with_plan=False)
+        run.engine = ScriptedEngine(max_len=cfg.max_completion_length)
+        run.reward_fn = digit_sum_reward
+        return cfg, run
+
+    return make
+
+
+def sgd(run, lr: float = 1.0):
+    """Swap in plain SGD so a weight delta equals lr x gradient (Adam's first step is ~sign(g))."""
+    run.optimizer = torch.optim.SGD(run.model.parameters(), lr=lr)
+    run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda _: 1.0)

@@ -1,0 +1,82 @@
+"""Config: recipes, overrides, and errors that name the key and the fix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastdash.config import Config, load_config
+from fastdash.train import main
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_defaults_are_the_tiny_dash_run():
+    cfg = Config()
+    assert cfg.model == "tiny-arith" and cfg.task == "arithmetic"
+    assert cfg.generation_batch_size == cfg.train_batch_size == 256 and cfg.gradient_filtering
+    assert not cfg.needs_old_logps and cfg.steps_per_generation == 1
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads(path):
+    cfg = load_config(str(path))
+    if path.stem != "tiny":
+        assert cfg.learning_rate == 3e-6 and cfg.num_generations == 4 and cfg.loss_type == "dr_grpo"
+        assert cfg.max_completion_length == 2048 and cfg.top_k == 50 and cfg.temperature == 0.9
+
+
+def test_recipe_variants_mean_what_the_paper_says():
+    grpo = load_config("recipes/grpo-qwen2.5-0.5b.yaml")
+    dash = load_config("recipes/dash-qwen2.5-0.5b.yaml")
+    mini = load_config("recipes/mini-qwen2.5-0.5b.yaml")
+    multi = load_config("recipes/multi-qwen2.5-0.5b.yaml")
+    assert grpo.rollout_size // grpo.generation_batch_size == 32 and not grpo.gradient_filtering
+    assert dash.rollout_size == dash.generation_batch_size == 256 and dash.gradient_filtering_threshold == 0.1
+    assert mini.steps_per_generation == 32 and mini.needs_old_logps
+    assert multi.steps_per_generation == 3 and multi.needs_old_logps
+    assert load_config("recipes/nokl-qwen2.5-0.5b.yaml").beta == 0.0 and dash.beta == 0.04
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["learning_rate=1e-5", "beta=0.1", "packing=false", "max_tokens_per_microbatch=4096",
+                             "epsilon_high=null", "extra.my_key=3"])
+    assert cfg.learning_rate == 1e-5 and cfg.beta == 0.1 and cfg.packing is False
+    assert cfg.max_tokens_per_microbatch == 4096 and cfg.epsilon_high is None and cfg.extra == {"my_key": 3}
+
+
+@pytest.mark.parametrize("override, words", [
+    (["lerning_rate=1e-4"], ["unknown key", "lerning_rate", "learning_rate"]),
+    (["num_generations=abc"], ["num_generations", "wrong type", "int"]),
+    (["train_batch_size=30"], ["train_batch_size", "multiple of num_generations=4"]),
+    (["generation_batch_size=24", "train_batch_size=16"], ["generation_batch_size", "divide"]),
+    (["loss_type=ppo"], ["loss_type", "grpo", "dr_grpo"]),
+    (["temperature=0"], ["temperature", "> 0"]),
+    (["task=gsm8k"], ["dataset", "gsm8k"]),
+    (["num_generations=1", "train_batch_size=8", "generation_batch_size=8"], ["num_generations", "at least 2"]),
+])
+def test_bad_config_names_the_key(override, words):
+    with pytest.raises(ValueError) as e:
+        load_config(None, override)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_cli_rejects_bad_key_with_exit_2(capsys):
+    assert main(["no_such_key=1"]) == 2
+    assert "unknown key" in capsys.readouterr().err
+
+
+def test_cli_help_lists_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("num_generations = 4", "gradient_filtering_threshold = 0.1", "loss_type = dr_grpo", "--dry-run"):
+        assert key in text
+
+
+def test_dry_run_prints_config_and_plan(capsys):
+    assert main(["--dry-run", "model=random:tiny", "memory_budget=2000000000"]) == 0
+    out = capsys.readouterr().out
+    assert '"num_generations": 4' in out and "max_tokens_per_microbatch" in out

@@ -1,0 +1,236 @@
+"""The vLLM engine against the HF engine and the trainer's own log-probs (CPU build of vLLM).
+
+Tests that need vLLM skip with the reason when it does not import; the mismatch metric and the
+"missing vLLM" path run everywhere. One vLLM instance for the whole module (it takes seconds to start
+and in-process engines do not share a process well).
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from fastdash.config import Config
+from fastdash.rollout.base import Engine, SamplingParams
+from fastdash.rollout.vllm import inference_mismatch, vllm_available
+
+REASON = vllm_available()
+needs_vllm = pytest.mark.skipif(REASON is not None, reason=f"vLLM not usable: {REASON}")
+T = 0.8  # sampling temperature for the log-prob comparisons (not 1, so a missing 1/T would show)
+
+
+# ------------------------------------------------------------------ no vLLM needed -----------------
+def test_inference_mismatch_matches_hand_computed_values():
+    trainer = [torch.tensor([-1.0, -2.0]), torch.tensor([-0.5])]
+    sampler = [[-1.1, -2.0], [-0.2]]
+    d = torch.tensor([0.1, 0.0, -0.3], dtype=torch.float64)
+    m = inference_mismatch(trainer, sampler)
+    assert m["mismatch/tokens"] == 3
+    assert m["mismatch/logp_abs_mean"] == pytest.approx(0.4 / 3)
+    assert m["mismatch/logp_abs_max"] == pytest.approx(0.3)
+    assert m["mismatch/k3_kl"] == pytest.approx(float((d.exp() - 1 - d).mean()))
+    assert m["mismatch/k3_kl"] > 0
+    same = inference_mismatch(trainer, [t.tolist() for t in trainer])
+    assert same["mismatch/logp_abs_max"] == 0 and same["mismatch/k3_kl"] == 0
+
+
+def test_inference_mismatch_skips_missing_and_rejects_bad_shapes():
+    assert inference_mismatch([torch.zeros(2)], [None]) == {"mismatch/tokens": 0}
+    with pytest.raises(ValueError, match="sample 0 has 2 trainer"):
+        inference_mismatch([torch.zeros(2)], [[0.0]])
+    with pytest.raises(ValueError, match="2 trainer samples vs 1"):
+        inference_mismatch([torch.zeros(1), torch.zeros(1)], [[0.0]])
+
+
+def test_missing_vllm_gives_a_reason_and_auto_falls_back(monkeypatch):
+    from fastdash.models import char_tokenizer, random_model
+    from fastdash.rollout import make_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
+    reason = vllm_available()
+    assert reason is not None and "import vllm" in reason
+    tok = char_tokenizer()
+    model = random_model("tiny", vocab_size=len(tok))
+    assert make_engine(Config(engine="auto"), model, tok).name == "hf"
+    with pytest.raises(RuntimeError, match="pip install"):
+        make_engine(Config(engine="vllm"), model, tok)
+
+
+# ------------------------------------------------------------------ with vLLM --------------------
+def _config(**overrides) -> Config:
+    base = dict(model="random:tiny", engine="vllm", max_prompt_length=16, max_completion_length=8,
+                train_batch_size=16, generation_batch_size=16, micro_batch_size=4, learning_rate=1e-3,
+                max_steps=2, temperature=T, top_k=0, num_train_problems=200, num_eval_problems=20,
+                plots=False, max_tokens_per_microbatch=64)
+    base.update(overrides)
+    return Config(**base)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(engine, hf_engine, model, tokenizer): both engines start on the same random tiny Qwen2."""
+    if REASON is not None:
+        pytest.skip(f"vLLM not usable: {REASON}")
+    from fastdash.models import load_model_and_tokenizer
+    from fastdash.rollout import make_engine
+    from fastdash.rollout.hf import HFEngine
+
+    cfg = _config()
+    model, tok = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
+    engine = make_engine(cfg, model, tok)  # the trainer's path: engine=vllm, model saved to a temp dir
+    assert engine.name == "vllm"
+    return engine, HFEngine(model, tok), model, tok
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def _trainer_logps(model, prompt, completion, temperature=1.0) -> torch.Tensor:
+    """The trainer's view: log_softmax(logits / T) of each completion token, full vocabulary."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def _nudge(model, seed=0):
+    """One real optimizer step (Adam on a language-model loss) so every weight moves."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@needs_vllm
+def test_generate_has_the_hf_engine_shape_and_meaning(setup):
+    engine, hf, model, tok = setup
+    engine.sync_weights(model)
+    assert isinstance(engine, Engine)
+    prompts = [_ids(tok, t) for t in ("1+2=", "345+678=", "9=")]
+    params = SamplingParams(max_tokens=5, temperature=T, seed=0)
+    for out in (engine.generate(prompts, 3, params), hf.generate(prompts, 3, params)):
+        assert [c.prompt_ids for c in out] == [p for p in prompts for _ in range(3)]
+        for c in out:
+            if c.truncated:
+                assert len(c.completion_ids) == 5 and engine.eos_id not in c.completion_ids
+            else:
+                assert c.completion_ids[-1] == engine.eos_id and engine.eos_id not in c.completion_ids[:-1]
+    out = engine.generate(prompts, 3, params)
+    assert any(c.truncated for c in out) and any(not c.truncated for c in out)  # both cases exercised
+    for c in out:  # sampler log-probs: one per token, the trainer's log_softmax(logits / T)
+        ref = _trainer_logps(model, c.prompt_ids, c.completion_ids, T)
+        assert torch.allclose(torch.tensor(c.sampler_logps), ref, atol=1e-5), (c.sampler_logps, ref)
+
+
+@needs_vllm
+def test_greedy_equals_hf_greedy(setup):
+    engine, hf, model, tok = setup
+    engine.sync_weights(model)
+    prompts = [_ids(tok, t) for t in ("1+2=", "123+456+789=", "7*8=")]
+    params = SamplingParams(max_tokens=8, greedy=True)
+    assert ([c.completion_ids for c in engine.generate(prompts, 1, params)]
+            == [c.completion_ids for c in hf.generate(prompts, 1, params)])
+
+
+@needs_vllm
+def test_seed_reproduces_and_prompts_do_not_share_draws(setup):
+    engine, _, model, tok = setup
+    engine.sync_weights(model)
+    p = _ids(tok, "12+34=")
+    params = SamplingParams(max_tokens=8, temperature=1.5, seed=7)
+    a = [c.completion_ids for c in engine.generate([p, p], 4, params)]
+    b = [c.completion_ids for c in engine.generate([p, p], 4, params)]
+    c = [c.completion_ids for c in engine.generate([p, p], 4, SamplingParams(max_tokens=8, temperature=1.5, seed=8))]
+    assert a == b and a != c
+    assert a[:4] != a[4:]  # the same prompt twice in one call gets different samples
+    assert len({tuple(x) for x in a[:4]}) > 1  # the n samples of one request differ
+
+
+@needs_vllm
+def test_forced_lengths_control_every_completion(setup):
+    engine, _, model, tok = setup
+    lengths = (1, 4, 2, 7)
+    out = engine.generate([_ids(tok, "1+1="), _ids(tok, "22+2=")], 2,
+                          SamplingParams(max_tokens=8, seed=1, forced_lengths=lengths))
+    assert [len(c.completion_ids) for c in out] == list(lengths)
+    assert all(c.completion_ids[-1] == engine.eos_id and not c.truncated for c in out)
+    assert all(engine.eos_id not in c.completion_ids[:-1] for c in out)
+    assert [len(c.sampler_logps) for c in out] == list(lengths)
+
+
+@needs_vllm
+def test_sync_after_an_optimizer_step_and_a_skipped_sync_is_detected(setup):
+    engine, _, model, tok = setup
+    seqs = [_ids(tok, "12+345=357"), _ids(tok, "9*9=81 (8)")]
+    prompts = [_ids(tok, "12+345="), _ids(tok, "6-7=")]
+    params = SamplingParams(max_tokens=8, temperature=T, seed=3)
+
+    def mismatch():
+        out = engine.generate(prompts, 4, params)
+        return inference_mismatch([_trainer_logps(model, c.prompt_ids, c.completion_ids, T) for c in out],
+                                  [c.sampler_logps for c in out])
+
+    engine.sync_weights(model)
+    engine.generate(prompts, 4, params)  # fills the prefix cache with these prompts' blocks
+    _nudge(model)
+    engine.sync_weights(model)
+    for seq, got in zip(seqs, engine.prompt_logprobs(seqs)):  # raw prompt log-probs, temperature 1
+        ref = _trainer_logps(model, seq[:1], seq[1:])
+        assert torch.allclose(torch.tensor(got), ref, atol=1e-5), (got, ref)
+    synced = mismatch()
+    assert synced["mismatch/logp_abs_max"] < 1e-4 and synced["mismatch/k3_kl"] < 1e-8
+    _nudge(model, seed=1)  # an optimizer step whose sync is "forgotten"
+    stale = mismatch()
+    assert stale["mismatch/logp_abs_max"] > 1e-2 and stale["mismatch/k3_kl"] > 1e-5
+    engine.sync_weights(model)
+    assert mismatch()["mismatch/logp_abs_max"] < 1e-4
+
+
+@needs_vllm
+def test_torch_thread_control_stays_with_the_trainer(setup):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)
+
+
+def _ones_reward(completion: str, answer: str, **_) -> float:
+    """Learnable by a random model in a few steps: the share of '1' characters."""
+    return completion.count("1") / max(len(completion), 1)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_short_training_run_learns_like_the_hf_engine(setup):
+    """Same run, same seeds, HF vs vLLM sampling: both raise the reward by similar amounts, and after
+    the run the engine holds the trained weights (the trainer's per-step sync works)."""
+    from fastdash.runtime import build_run
+    from fastdash.trainer import Trainer
+
+    engine = setup[0]
+    cfg = _config(engine="hf", max_steps=8, learning_rate=1e-2, gradient_filtering=False)
+    curves = {}
+    for arm in ("hf", "vllm"):
+        run = build_run(cfg, with_plan=False)
+        run.reward_fn = _ones_reward
+        if arm == "vllm":  # the module's engine (one vLLM per process), synced to this run's model
+            engine.sync_weights(run.model)
+            run.engine = engine
+        trainer = Trainer(cfg, run)
+        rewards = [trainer.step()["reward/mean"] for _ in range(cfg.max_steps)]
+        curves[arm] = (sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3)
+        if arm == "vllm":
+            out = engine.generate([run.prompt_ids(p) for p in run.eval_problems[:4]], 2,
+                                  SamplingParams(max_tokens=8, temperature=T, seed=0))
+            m = inference_mismatch([_trainer_logps(run.model, c.prompt_ids, c.completion_ids, T) for c in out],
+                                   [c.sampler_logps for c in out])
+            assert m["mismatch/logp_abs_max"] < 1e-4, m
+    for arm, (first, last) in curves.items():
+        assert last > first + 0.1, (arm, curves)
+    gain = {arm: last - first for arm, (first, last) in curves.items()}
+    print("reward first-3 / last-3 means:", curves)
+    assert 0.33 < gain["vllm"] / gain["hf"] < 3, curves
