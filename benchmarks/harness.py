@@ -86,20 +86,28 @@ def make_config(arm: str, size: dict, seed: int, **extra) -> Config:
     return cfg
 
 
+_PLANS: dict = {}  # memory plans by the config fields plan_memory reads
+_PLAN_KEYS = ("model", "dtype", "max_prompt_length", "max_completion_length", "train_batch_size",
+              "generation_batch_size", "beta", "engine", "memory_budget", "max_tokens_per_microbatch",
+              "attn_implementation", "num_threads")
+
+
+def _resolved(cfg: Config, run) -> dict:
+    """What the 'auto' knobs became for this arm, so the report says which features were on."""
+    from fastdash_kernels.api import resolve_backend
+
+    hidden = torch.empty(1, run.model.config.hidden_size, device=run.device, dtype=next(run.model.parameters()).dtype)
+    return {"kernel": resolve_backend(cfg.kernel, hidden), "packing": cfg.packing,
+            "max_tokens_per_microbatch": run.plan.max_tokens_per_microbatch if cfg.packing else None,
+            "gradient_filtering": cfg.gradient_filtering, "generation_batch_size": cfg.generation_batch_size,
+            "engine": getattr(run.engine, "name", "?")}
+
+
 class ArmRun:
     """One arm's Run + Trainer for one seed, logging which prompts each step drew."""
 
-    def __init__(self, cfg: Config, reward_fn=None):
-        from fastdash.runtime import build_run
-        from fastdash.trainer import Trainer
-
-        t0 = time.perf_counter()
-        self.cfg = cfg
-        self.run = build_run(cfg, with_plan=cfg.packing)  # only packing consumes the plan
-        if reward_fn is not None:
-            self.run.reward_fn = reward_fn
-        self.trainer = Trainer(cfg, self.run)
-        self.setup_s = time.perf_counter() - t0
+    def __init__(self, cfg: Config, run, trainer, setup_s: float = 0.0):
+        self.cfg, self.run, self.trainer, self.setup_s = cfg, run, trainer, setup_s
         self.prompts: list[int] = []  # prompt indices drawn during the current step
         take = self.trainer.sampler.take
 
@@ -109,6 +117,30 @@ class ArmRun:
             return idx
 
         self.trainer.sampler.take = logged_take
+
+    @classmethod
+    def build(cls, cfg: Config, reward_fn=None) -> "ArmRun":
+        from fastdash.rollout import make_engine
+        from fastdash.runtime import build_run
+        from fastdash.trainer import Trainer
+
+        t0 = time.perf_counter()
+        # Only packing consumes the memory plan. Its probes take minutes on a busy CPU and do not
+        # depend on the seed, so later seeds reuse the first one's plan (same shapes, same budget).
+        key = tuple(sorted((k, str(v)) for k, v in cfg.to_dict().items() if k in _PLAN_KEYS))
+        cached = _PLANS.get(key) if cfg.packing else None
+        run = build_run(cfg, with_plan=cfg.packing and cached is None)
+        if cfg.packing:
+            if cached is not None:
+                run.plan = cached
+                run.engine = make_engine(cfg, run.model, run.tokenizer, cached)  # as build_run would
+            _PLANS[key] = run.plan
+        if reward_fn is not None:
+            run.reward_fn = reward_fn
+        trainer = Trainer(cfg, run)
+        arm = cls(cfg, run, trainer, time.perf_counter() - t0)
+        arm.resolved = _resolved(cfg, run)
+        return arm
 
     def step(self) -> dict:
         self.prompts = []
@@ -141,13 +173,14 @@ def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 3, w
         raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
     evaluate = is_learning_task(size) if evaluate is None else evaluate
     reward = None if is_learning_task(size) else parity_reward
-    factory = factory or (lambda arm, cfg: ArmRun(cfg, reward))
+    factory = factory or (lambda arm, cfg: ArmRun.build(cfg, reward))
     raw = {"steps": [], "evals": [], "setup": []}
     for seed in seeds:
         runs = {}
         for arm in arms:
             runs[arm] = factory(arm, make_config(arm, size, seed))
-            raw["setup"].append({"arm": arm, "seed": seed, "setup_s": runs[arm].setup_s})
+            raw["setup"].append({"arm": arm, "seed": seed, "setup_s": runs[arm].setup_s,
+                                 "resolved": getattr(runs[arm], "resolved", None)})
         for i in range(steps):
             order = list(arms[i % len(arms):]) + list(arms[: i % len(arms)])  # rotate who goes first
             for arm in order:
@@ -194,8 +227,8 @@ def summarise(raw: dict, arms=None) -> dict:
                "optimizer_steps_per_seed": [v["steps_all"] for v in t.values()],
                "timed_steps_per_seed": [v["steps_timed"] for v in t.values()],
                "samples_trained_on_per_seed": [v["samples_all"] for v in t.values()],
-               "setup_s": statistics.median(r["setup_s"] for r in raw["setup"] if r["arm"] == a)
-               if raw.get("setup") else None}
+               "setup_s_per_seed": [r["setup_s"] for r in raw.get("setup", []) if r["arm"] == a],
+               "resolved": next((r.get("resolved") for r in raw.get("setup", []) if r["arm"] == a), None)}
         arm["phases"]["other"] = max(0.0, arm["total_s"] - sum(arm["phases"].values()))
         if "grpo" in per:  # paired: each seed's arm vs the GRPO run interleaved with it
             red = [100.0 * (1.0 - t[s]["total_s"] / per["grpo"][s]["total_s"]) for s in seeds]
@@ -219,6 +252,16 @@ def _mean_std(xs: list[float]) -> dict:
             "min": min(xs), "max": max(xs), "per_seed": xs}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict:
     try:
         import triton
@@ -226,7 +269,7 @@ def environment(device: str) -> dict:
         triton_v = triton.__version__
     except ImportError:
         triton_v = None
-    name = torch.cuda.get_device_name(0) if device == "gpu" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(0) if device == "gpu" else _cpu_name()
     return {"device": device, "device_name": name, "torch": torch.__version__, "triton": triton_v,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -306,14 +349,20 @@ def write_outputs(report: dict, out_dir: Path = RESULTS) -> dict:
                            f"torch {report['torch']}, triton {report['triton']}, model {cfg['sizes']['model']}, "
                            f"seeds {cfg['seeds']}, {cfg['steps_per_seed']} steps per seed "
                            f"({cfg['warmup_steps']} untimed), times in seconds summed over timed steps, "
-                           f"median [min, max] over seeds.\n\n{table}\n\nTRL: {report['trl']['skipped']}\n")
+                           f"median [min, max] over seeds.\n\n{table}\n\n"
+                           f"Resolved per arm: {json.dumps({a: v.get('resolved') for a, v in report['arms'].items()})}\n\n"
+                           f"TRL: {report['trl']['skipped']}\n")
     plot(report["arms"], paths["png"], f"{cfg['sizes']['model']} on {report['device']}: time per arm by phase")
     return paths
 
 
-def run_suite(device: str | None = None, seeds=(0, 1, 2), steps: int = 3, warmup: int = 1, arms=DEFAULT_ARMS,
-              out_dir: Path | None = RESULTS, size_overrides: dict | None = None) -> dict:
+DEFAULT_STEPS = {"cpu": 8, "gpu": 3}  # CPU: enough steps for the learning comparison; GPU: minutes
+
+
+def run_suite(device: str | None = None, seeds=(0, 1, 2), steps: int | None = None, warmup: int = 1,
+              arms=DEFAULT_ARMS, out_dir: Path | None = RESULTS, size_overrides: dict | None = None) -> dict:
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
+    steps = steps or DEFAULT_STEPS[device]
     if device == "gpu" and not torch.cuda.is_available():
         raise ValueError("device=gpu but CUDA is not available")
     size = {**sizes(device), **(size_overrides or {})}
@@ -329,7 +378,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: gpu when CUDA is present")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per arm and seed")
+    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per arm and seed {DEFAULT_STEPS}")
     ap.add_argument("--warmup", type=int, default=1, help="leading steps per arm and seed left untimed")
     ap.add_argument("--arms", default=",".join(DEFAULT_ARMS))
     ap.add_argument("--out", default=str(RESULTS))

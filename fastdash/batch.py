@@ -38,6 +38,7 @@ class Sample:
     advantage: float = 0.0
     old_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when an old-policy pass ran
     ref_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when beta > 0
+    sampler_logps: list[float] | None = None  # the engine's own log-probs (vLLM), for the mismatch metric
 
     @property
     def length(self) -> int:

@@ -1,11 +1,12 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a directory `checkpoint-<step>/` holding the model (safetensors, loadable with
-`from_pretrained`), the tokenizer, and `trainer_state.pt`: optimizer and LR-scheduler state, the
-`TrainState` (step, data position, counters), RNG states and any rollout samples not yet trained on
-(Mini / Multi reuse a rollout across steps). It is written under a temporary name and renamed into
-place only once complete (with a `COMPLETE` marker inside), so a kill during a save never leaves a
-half checkpoint that looks whole.
+`from_pretrained`), the tokenizer, the config, and `trainer_state.pt`: optimizer and LR-scheduler
+state, the `TrainState` (step, data position, counters), RNG states (python, numpy, torch, CUDA),
+the token budget and any rollout samples not yet trained on (Mini / Multi reuse a rollout across
+steps). It is written under a temporary name and renamed into place only once complete (with a
+`COMPLETE` marker inside), so a kill during a save never leaves a half checkpoint that looks whole.
+`trainer_state.pt` is a pickle: load only checkpoints you (or your runs) wrote.
 """
 from __future__ import annotations
 
@@ -24,9 +25,17 @@ from fastdash.config import save_config
 
 log = logging.getLogger("fastdash")
 MARKER = "COMPLETE"
-# Changing any of these between a checkpoint and its resume would change what the run computes.
-MUST_MATCH = ("model", "task", "dataset", "num_generations", "generation_batch_size", "train_batch_size",
-              "num_iterations", "loss_type", "seed", "shuffle", "num_train_problems", "max_completion_length")
+FORMAT = 1
+STATE_KEYS = ("optimizer", "lr_scheduler", "state", "rng", "config")
+# Changing any of these between a checkpoint and its resume would change what the run computes
+# (which problems exist and in what order, the shapes of a step, the loss). learning_rate may change.
+MUST_MATCH = ("model", "task", "dataset", "dataset_split", "prompt_template", "num_generations",
+              "generation_batch_size", "train_batch_size", "num_iterations", "loss_type", "seed", "shuffle",
+              "num_train_problems", "max_prompt_length", "max_completion_length")
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read (truncated, corrupt, from another program)."""
 
 
 def _rng_state() -> dict:
@@ -52,22 +61,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    """Delete a directory so that no kill leaves a half-deleted one that still looks complete:
+    rename it to a hidden name first (atomic), then delete."""
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _write_atomically(final: Path, write) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     (tmp / MARKER).write_text("ok\n")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
+        # A directory cannot be replaced in one rename; a kill between these two renames leaves
+        # only `old`, which `recover` renames back on the next start.
         final.rename(old)
     tmp.rename(final)
     _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def recover(out: Path) -> None:
+    """Tidy what a killed save left in `out`: put back a complete checkpoint that a kill caught
+    between the two renames of a replacement, and delete temporary / half-deleted directories."""
+    if not out.is_dir():
+        return
+    for p in sorted(out.glob(".*.old-*")):
+        name = p.name[1:].rsplit(".old-", 1)[0]
+        if (p / MARKER).exists() and not (out / name).exists():
+            p.rename(out / name)
+            log.warning("restored %s (a save was killed while replacing it)", out / name)
+    for pattern in (".*.tmp-*", ".*.old-*", ".*.del-*"):
+        for p in out.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
@@ -77,9 +113,10 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
         run.model.save_pretrained(d, safe_serialization=True)
         run.tokenizer.save_pretrained(d)
         save_config(cfg, d / "config.yaml")
-        torch.save({"optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
-                    "state": dataclasses.asdict(run.state), "rng": _rng_state(), "buffer": trainer.buffer,
-                    "budget": trainer.budget, "config": cfg.to_dict()}, d / "trainer_state.pt")
+        torch.save({"format": FORMAT, "optimizer": run.optimizer.state_dict(),
+                    "lr_scheduler": run.lr_scheduler.state_dict(), "state": dataclasses.asdict(run.state),
+                    "rng": _rng_state(), "buffer": trainer.buffer, "budget": trainer.budget,
+                    "config": cfg.to_dict()}, d / "trainer_state.pt")
 
     path = _write_atomically(out / f"checkpoint-{step}", write)
     log.info("saved checkpoint %s", path)
@@ -87,9 +124,11 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
     return path
 
 
-def save_final(cfg, run, trainer, out: Path) -> Path:
-    """The final model (loadable with from_pretrained) plus a full checkpoint of the last step."""
-    save_checkpoint(cfg, run, trainer, out)
+def save_final(cfg, run, trainer, out: Path, checkpoint: bool = True) -> Path:
+    """The final model (loadable with from_pretrained) plus, unless this step was just saved
+    (`checkpoint=False`), a full checkpoint of the last step."""
+    if checkpoint:
+        save_checkpoint(cfg, run, trainer, out)
 
     def write(d: Path):
         run.model.save_pretrained(d, safe_serialization=True)
@@ -98,61 +137,129 @@ def save_final(cfg, run, trainer, out: Path) -> Path:
     return _write_atomically(out / "final", write)
 
 
+def _step_of(p: Path) -> int | None:
+    tail = p.name.split("-", 1)[1] if "-" in p.name else ""
+    return int(tail) if tail.isdigit() else None
+
+
 def list_checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints, oldest first; half-written ones (no marker) are ignored."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / MARKER).exists()
-             and p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / MARKER).exists() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
 
 
 def _prune(out: Path, limit: int | None) -> None:
     if not limit or limit <= 0:
         return
     for old in list_checkpoints(out)[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def check_output_dir(cfg, out: Path) -> None:
+    """Before anything is built or written: tidy what a killed save left, and refuse a new run in a
+    directory with checkpoints (a later resume=auto would mix the two runs)."""
+    recover(out)
+    if not cfg.resume and list_checkpoints(out):
+        raise ValueError(f"output_dir {out} already holds checkpoints of an earlier run; pass resume=auto to "
+                         "continue it, or choose a new output_dir")
+    if cfg.resume == "auto" and cfg.output_dir is None:
+        raise ValueError("resume=auto needs output_dir=DIR (the run to continue); without it every run "
+                         "gets a new timestamped directory")
 
 
 def resume_if_asked(cfg, run, trainer, out: Path) -> Path | None:
+    """Load the checkpoint `cfg.resume` names: `auto` = the newest complete one in `out` that can be
+    read (a corrupt one is skipped with a warning); a checkpoint directory; or a run directory (its
+    newest). Without resume, `out` must hold no checkpoints: mixing two runs' checkpoints would let
+    a later resume=auto pick the wrong one."""
+    check_output_dir(cfg, out)
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        found = list_checkpoints(out)
-        if not found:
+        candidates = list_checkpoints(out)[::-1]
+        if not candidates:
             log.info("resume=auto: no complete checkpoint in %s; starting from scratch", out)
             return None
-        path = found[-1]
     else:
         path = Path(cfg.resume)
-        if not (path / MARKER).exists():
-            raise ValueError(f"resume={cfg.resume!r} is not a complete fastdash checkpoint "
-                             f"(no {MARKER} marker; it may be half-written); pass another or resume=auto")
-    load_checkpoint(cfg, run, trainer, path)
-    return path
+        if not path.is_dir():
+            raise ValueError(f"resume={cfg.resume!r} does not exist; pass a checkpoint directory "
+                             "(e.g. runs/X/checkpoint-100), a run directory, or resume=auto")
+        candidates = [path] if (path / MARKER).exists() else list_checkpoints(path)[::-1][:1]
+        if not candidates:
+            raise ValueError(f"resume={cfg.resume!r} is not a complete fastdash checkpoint (no {MARKER} marker; "
+                             "it may be half-written) and holds none; pass another or resume=auto")
+    for i, path in enumerate(candidates):
+        try:
+            load_checkpoint(cfg, run, trainer, path)
+            return path
+        except UnreadableCheckpoint as e:
+            if cfg.resume != "auto" or i == len(candidates) - 1:
+                raise
+            log.warning("%s; trying the previous checkpoint", e)
+    raise AssertionError("unreachable")
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    try:
+        blob = torch.load(path / "trainer_state.pt", weights_only=False)
+        files = sorted(path.glob("*.safetensors"))  # one file, or shards of a large model
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {path}")
+        weights = {}
+        for f in files:
+            weights.update(load_file(f))
+    except Exception as e:  # noqa: BLE001 - any unreadable file means an unusable checkpoint
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                                   "delete it or pass another resume=PATH") from e
+    if not isinstance(blob, dict) or any(k not in blob for k in STATE_KEYS):
+        raise UnreadableCheckpoint(f"checkpoint {path}: trainer_state.pt is not a fastdash trainer state "
+                                   f"(expected keys {list(STATE_KEYS)})")
+    return blob, weights
 
 
 def load_checkpoint(cfg, run, trainer, path: Path) -> None:
-    try:
-        blob = torch.load(path / "trainer_state.pt", weights_only=False)
-        weights = load_file(path / "model.safetensors")
-    except Exception as e:  # noqa: BLE001 - any unreadable file means an unusable checkpoint
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it or pass "
-                         "another resume=PATH") from e
+    """Validate everything first (files, config, weight names and shapes), then restore; a failed
+    check leaves the run untouched."""
+    blob, weights = _read(path)
     saved = blob["config"]
     diff = {k: (saved.get(k), getattr(cfg, k)) for k in MUST_MATCH if saved.get(k) != getattr(cfg, k)}
     if diff:
         raise ValueError(f"checkpoint {path} was made with a different config: "
                          + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
                          + "; resume with the checkpoint's values or start a new output_dir")
-    missing, unexpected = run.model.load_state_dict(weights, strict=False)
-    real_missing = [k for k in missing if not (k == "lm_head.weight" and run.model.config.tie_word_embeddings)]
-    if real_missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {real_missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    run.optimizer.load_state_dict(blob["optimizer"])
-    run.lr_scheduler.load_state_dict(blob["lr_scheduler"])
+    own = run.model.state_dict()
+    tied = getattr(run.model.config, "tie_word_embeddings", False)
+    missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and tied)]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in weights if k in own and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {path} does not fit the model {cfg.model!r}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatches {shapes[:3]}")
+    run.model.load_state_dict(weights, strict=False)
+    try:
+        run.optimizer.load_state_dict(blob["optimizer"])
+        run.lr_scheduler.load_state_dict(blob["lr_scheduler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path}: optimizer state does not fit this model ({e}); "
+                         "start a new output_dir") from e
+    if saved.get("learning_rate") != cfg.learning_rate:
+        _set_base_lr(run.lr_scheduler, cfg.learning_rate)
+        log.warning("resume: learning_rate %s -> %s (the schedule continues from step %d at the new rate)",
+                    saved.get("learning_rate"), cfg.learning_rate, blob["state"]["step"])
     for k, v in blob["state"].items():
         setattr(run.state, k, v)
-    trainer.buffer = blob["buffer"]
-    trainer.budget = blob["budget"]
+    trainer.buffer = blob.get("buffer", [])
+    trainer.budget = blob.get("budget", trainer.budget)
     _set_rng_state(blob["rng"])
+    trainer.engine.sync_weights(run.model)  # an engine with its own copy (vLLM) built before the load
     log.info("resumed from %s at step %d", path, run.state.step)
+
+
+def _set_base_lr(sched, lr: float) -> None:
+    """The optimizer's state carries the old rate; rebase a LambdaLR schedule on the new one."""
+    sched.base_lrs = [lr] * len(sched.optimizer.param_groups)
+    for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(sched.last_epoch)

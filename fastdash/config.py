@@ -81,7 +81,7 @@ class Config:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
+    max_steps: int = 200  # > 0 overrides num_train_epochs; the default run's length
     num_train_epochs: float = 1.0
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     # --- run ---
@@ -167,6 +167,8 @@ class Config:
             bad("learning_rate", "must be > 0")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             bad("max_steps", "set max_steps > 0 or num_train_epochs > 0")
+        if self.task == "plain" and not self.reward:
+            bad("reward", "task='plain' has no default reward: pass reward=NAME or reward=pkg.module:func")
         if self.task != "arithmetic" and self.dataset is None:
             bad("dataset", f"task={self.task!r} needs a dataset (local path or cached dataset name)")
 

@@ -11,21 +11,27 @@ can swap the measurement for a fake. Two real probes:
   glibc's `malloc_trim(0)`, so memory freed by earlier calls but kept by malloc is not counted as
   free headroom. Resolution is a page; in the tests the measured peak of a tiny model's step is
   within 25% (+ 8 MiB) of a fresh measurement at an un-probed size.
+
+Also here: the memory model's pieces (parameter bytes, KV cache bytes per token, the activation
+fit) and the run-time OOM back-off (`run_with_oom_backoff`).
 """
 from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import math
-import os
 import re
 import time
-from typing import Callable, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 _KIB = 1024
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -148,7 +154,9 @@ class CpuMemoryProbe:
         return max(0, self.peak_rss_bytes() - base)
 
     def empty_cache(self) -> None:
-        gc.collect()
+        # Young generations only: probe tensors die by refcount; a full collection over the heap
+        # transformers builds costs ~0.4 s a call and the plan makes a dozen of them.
+        gc.collect(1)
         _malloc_trim()
 
 
@@ -161,6 +169,80 @@ def default_probe(device: torch.device | str, memory_budget: int | None = None) 
     if device.type == "cpu":
         return CpuMemoryProbe(memory_budget)
     raise ValueError(f"no memory probe for device type {device.type!r} (expected 'cuda' or 'cpu')")
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory model: what the fixed part is, and a fit of the activation peak
+
+
+@dataclass(frozen=True)
+class ActivationFit:
+    """Activation peak above the resting state: c + s * T + q * T^2 bytes (c, s, q >= 0)."""
+
+    c: float
+    s: float
+    q: float = 0.0
+
+    def __call__(self, tokens: int) -> float:
+        return self.c + self.s * tokens + self.q * tokens * tokens
+
+    def max_tokens(self, room: float) -> int:
+        """Largest T whose peak fits in `room` bytes."""
+        if self.q > 0:
+            return int((-self.s + math.sqrt(self.s**2 + 4 * self.q * (room - self.c))) / (2 * self.q))
+        return int((room - self.c) // self.s)
+
+
+def fit_activation(points: list[tuple[int, int]]) -> ActivationFit:
+    """Least-squares fit of (T, peak) points: quadratic with 3+ distinct T, else linear.
+
+    A fit with a negative coefficient falls back to the simpler model, and finally to the
+    steepest line through the origin, which over-estimates every point: the safe side.
+    """
+    ts = torch.tensor([float(t) for t, _ in points], dtype=torch.float64)
+    ps = torch.tensor([float(p) for _, p in points], dtype=torch.float64)
+    t_max, p_max = float(ts.max()), float(ps.max())
+    x = ts / t_max  # scaled so the least-squares problem is well conditioned
+    for degree in (2, 1):
+        if len(set(ts.tolist())) > degree:
+            basis = torch.stack([x**k for k in range(degree + 1)], dim=1)
+            coef = torch.linalg.lstsq(basis, ps.unsqueeze(1), driver="gelsd").solution.view(-1).tolist()
+            if degree == 2 and abs(coef[2]) < 1e-6 * p_max:
+                continue  # no curvature beyond rounding: the linear fit is the exact one
+            if min(coef) >= 0 and coef[1] > 0:
+                return ActivationFit(*(ck / t_max**k for k, ck in enumerate(coef)))
+    return ActivationFit(0.0, max(1.0, float((ps / ts).max())))
+
+
+def model_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(weights + buffers bytes, trainable param bytes, trainable param count)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return weights, sum(p.numel() * p.element_size() for p in trainable), sum(p.numel() for p in trainable)
+
+
+def allocated_model_bytes(model: torch.nn.Module, device: torch.device) -> int:
+    """Bytes of the model's weights, buffers and existing grads that live on `device`'s type."""
+    on = [p for p in model.parameters() if p.device.type == device.type]
+    grads = [p.grad for p in on if p.grad is not None]
+    buffers = [b for b in model.buffers() if b.device.type == device.type]
+    return sum(t.numel() * t.element_size() for t in on + grads + buffers)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x dtype bytes, from a transformers config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def is_oom_error(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,3 +331,54 @@ def measure_activations(model: torch.nn.Module, probe: MemoryProbe, step: Callab
         return probe.measure(timed_step)
 
     return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-time back-off
+
+
+def run_with_oom_backoff(
+    run: Callable[[int], T],
+    budget: int,
+    *,
+    max_retries: int = 3,
+    min_budget: int = 1,
+    is_oom: Callable[[BaseException], bool] = is_oom_error,
+    what: str = "backprop token budget",
+    plan=None,
+    on_backoff: Callable[[int, int], None] | None = None,
+) -> T:
+    """`run(budget)`; on an OOM halve the budget (not below `min_budget`), free caches and retry.
+
+    `run` must start from a clean state on every call (the trainer re-packs the kept samples and
+    zeroes partial gradients), so a retried step gives the same result. `on_backoff(old, new)`
+    lets the caller keep the smaller budget for later steps. After `max_retries` OOMs, or an OOM
+    at `min_budget`, raises RuntimeError naming the budgets tried and the plan.
+    """
+    tried = []
+    while True:
+        tried.append(budget)
+        try:
+            return run(budget)
+        except BaseException as e:  # noqa: B902 - filtered by is_oom, everything else re-raised
+            if not is_oom(e):
+                raise
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        # Outside the except block: the traceback (and the tensors its frames hold) is released.
+        _free_caches()
+        new = max(min_budget, budget // 2)
+        if len(tried) > max_retries or new == budget:
+            table = f"\n{plan.to_table()}" if plan is not None else ""
+            raise RuntimeError(f"out of memory at {what} {budget} after trying {tried} "
+                               f"({len(tried) - 1} back-offs, max_retries={max_retries}); "
+                               f"last error: {msg}{table}")
+        log.warning("OOM at %s %d (%s): halving to %d and retrying", what, budget, msg, new)
+        if on_backoff is not None:
+            on_backoff(budget, new)
+        budget = new
+
+
+def _free_caches() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -22,6 +22,7 @@ from fastdash.rollout import make_engine
 from fastdash.trainer import TrainState
 
 log = logging.getLogger("fastdash")
+DEFAULT_REWARD = {"arithmetic": "arithmetic", "gsm8k": "gsm8k", "math": "math", "mbpp": "code"}
 
 
 @dataclass
@@ -109,6 +110,14 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _planned_engine(cfg: Config) -> str:
+    if cfg.engine != "auto":
+        return cfg.engine
+    from fastdash.rollout.vllm import vllm_available
+
+    return "vllm" if vllm_available() is None else "hf"
+
+
 def build_plan(cfg: Config, model, device: torch.device):
     """The memory plan (scheduler); pinned budgets are validated against it."""
     from fastdash.scheduler import plan_memory
@@ -116,7 +125,7 @@ def build_plan(cfg: Config, model, device: torch.device):
     return plan_memory(
         model, max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
         samples_per_step=cfg.train_batch_size, samples_per_generation=cfg.generation_batch_size,
-        beta=cfg.beta, engine=cfg.engine if cfg.engine != "auto" else "hf", memory_budget=cfg.memory_budget,
+        beta=cfg.beta, engine=_planned_engine(cfg), memory_budget=cfg.memory_budget,
         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch)
 
 
@@ -140,7 +149,7 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     optimizer, lr_scheduler = build_optimizer(cfg, model, total)
     plan = build_plan(cfg, model, device) if with_plan else None
     engine = make_engine(cfg, model, tok, plan)
-    reward_fn = get_reward_fn(cfg.reward or ("math" if cfg.task == "math" else cfg.task))
+    reward_fn = get_reward_fn(cfg.reward or DEFAULT_REWARD[cfg.task])
     return Run(cfg=cfg, device=device, model=model, ref_model=ref_model, tokenizer=tok, engine=engine,
                train_problems=train, eval_problems=evals, reward_fn=reward_fn, optimizer=optimizer,
                lr_scheduler=lr_scheduler, plan=plan, total_steps=total, timer=PhaseTimer(device))

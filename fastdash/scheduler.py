@@ -1,5 +1,5 @@
-"""Memory-aware scheduler: choose the backprop token budget and the generation batch from
-measured memory, and back off when a step runs out of memory anyway.
+"""Memory-aware scheduler: choose the backprop token budget and the generation concurrency from
+measured memory (`plan_memory` -> `MemoryPlan`); `run_with_oom_backoff` halves a budget on OOM.
 
 Memory model (DESIGN.md section 6), on the device that trains:
 
@@ -7,13 +7,12 @@ Memory model (DESIGN.md section 6), on the device that trains:
     backprop   = fixed + c + s * T + q * T^2    T = packed tokens per micro-batch
     generation = fixed + B * (kv_per_token * L + logits_per_seq)    B = concurrent sequences
 
-`s` and `c` come from probe forward+backward passes over packed rows of worst-case samples
-(L = max_prompt_length + max_completion_length), so a late long sample cannot OOM a plan that
-the probe accepted. `q` is ~0 with varlen attention (flash-attn: the attention term is s ~ T * L);
-it is what attending over the whole packed row with a block mask costs (sdpa on CPU), which the
-small probes see as curvature and a verification probe at the chosen budget confirms. The budgets fill `safety` x (free + already-resident weights). Measurement
-lives in `fastdash.memory`; this module is arithmetic over its numbers and can be tested with a
-fake probe.
+c, s, q come from probe forward+backward passes over packed rows of worst-case samples (L =
+max_prompt_length + max_completion_length), so a late long sample cannot OOM an accepted plan.
+q ~ 0 with varlen attention (its T * L term is linear at fixed L); attending over the whole packed
+row with a block mask (sdpa on CPU) makes it > 0, and a probe at the chosen budget verifies it.
+Budgets fill `safety` x (free + already-resident bytes). Measurement lives in `fastdash.memory`;
+this module is arithmetic over its numbers, testable with a fake probe.
 """
 from __future__ import annotations
 
@@ -24,14 +23,26 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 
-from fastdash.memory import MemoryProbe, default_probe, ensure_grads, measure_activations, probe_forward_backward
+from fastdash.memory import (  # noqa: F401 - re-exported: the scheduler's API in one place
+    ActivationFit,
+    MemoryProbe,
+    allocated_model_bytes,
+    default_probe,
+    ensure_grads,
+    fit_activation,
+    is_oom_error,
+    kv_bytes_per_token,
+    measure_activations,
+    model_bytes,
+    probe_forward_backward,
+    run_with_oom_backoff,
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 GiB = 1024**3
 
 # Optimizer state bytes per trainable parameter (AdamW: exp_avg + exp_avg_sq in fp32).
@@ -148,71 +159,15 @@ class MemoryPlan:
                 json.dump(self.to_dict(), f, indent=2)
 
 
-def _check_pin(name: str, value, kind=int):
+def _check_pin(name: str, value, fraction: bool = False):
+    """None for 'auto', else the value: a positive int, or with `fraction` a float in (0, 1]."""
     if value == "auto":
         return None
-    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
-    if not ok:
-        want = "a float in (0, 1]" if kind is float else "a positive int"
-        raise ValueError(f"{name} must be 'auto' or {want}, got {value!r}")
+    number = isinstance(value, (int, float) if fraction else int) and not isinstance(value, bool)
+    if not (number and (0 < value <= 1 if fraction else value > 0)):
+        raise ValueError(f"{name} must be 'auto' or {'a float in (0, 1]' if fraction else 'a positive int'}, "
+                         f"got {value!r}")
     return value
-
-
-@dataclass(frozen=True)
-class ActivationFit:
-    """Activation peak above the resting state: c + s * T + q * T^2 bytes (c, s, q >= 0)."""
-
-    c: float
-    s: float
-    q: float = 0.0
-
-    def __call__(self, tokens: int) -> float:
-        return self.c + self.s * tokens + self.q * tokens * tokens
-
-    def max_tokens(self, room: float) -> int:
-        """Largest T whose peak fits in `room` bytes."""
-        if self.q > 0:
-            return int((-self.s + math.sqrt(self.s**2 + 4 * self.q * (room - self.c))) / (2 * self.q))
-        return int((room - self.c) // self.s)
-
-
-def fit_activation(points: list[tuple[int, int]]) -> ActivationFit:
-    """Least-squares fit of (T, peak) points: quadratic with 3+ distinct T, else linear.
-
-    A fit with a negative coefficient falls back to the simpler model, and finally to the
-    steepest line through the origin, which over-estimates every point: the safe side.
-    """
-    ts = torch.tensor([float(t) for t, _ in points], dtype=torch.float64)
-    ps = torch.tensor([float(p) for _, p in points], dtype=torch.float64)
-    t_max, p_max = float(ts.max()), float(ps.max())
-    x = ts / t_max  # scaled so the least-squares problem is well conditioned
-    for degree in (2, 1):
-        if len(set(ts.tolist())) > degree:
-            basis = torch.stack([x**k for k in range(degree + 1)], dim=1)
-            coef = torch.linalg.lstsq(basis, ps.unsqueeze(1), driver="gelsd").solution.view(-1).tolist()
-            if degree == 2 and abs(coef[2]) < 1e-6 * p_max:
-                continue  # no curvature beyond rounding: the linear fit is the exact one
-            if min(coef) >= 0 and coef[1] > 0:
-                return ActivationFit(*(ck / t_max**k for k, ck in enumerate(coef)))
-    return ActivationFit(0.0, max(1.0, float((ps / ts).max())))
-
-
-def model_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(weights + buffers bytes, trainable param bytes, trainable param count)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return weights, sum(p.numel() * p.element_size() for p in trainable), sum(p.numel() for p in trainable)
-
-
-def kv_bytes_per_token(config, dtype_bytes: int) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x dtype bytes, from a transformers config."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
 def _solve_tokens(fit: ActivationFit, room: int, L: int, M: int, need_msg: str) -> int:
@@ -317,7 +272,7 @@ def plan_memory(
         raise ValueError(f"safety must be in (0, 1], got {safety}")
     pin_tokens = _check_pin("max_tokens_per_microbatch", max_tokens_per_microbatch)
     pin_gen = _check_pin("generation_concurrency", generation_concurrency)
-    pin_util = _check_pin("gpu_memory_utilization", gpu_memory_utilization, float)
+    pin_util = _check_pin("gpu_memory_utilization", gpu_memory_utilization, fraction=True)
     L = max_prompt_length + max_completion_length
     M = samples_per_step
     M_gen = samples_per_generation or samples_per_step
@@ -350,12 +305,8 @@ def plan_memory(
 
         # ---- measured capacity
         total, free = probe.total_bytes(), probe.free_bytes()
-        if resident_bytes is None:  # what is allocated now and counted in `fixed`: weights, grads
-            on_device = [p for p in model.parameters() if p.device.type == probe.device.type]
-            resident_bytes = (sum(p.numel() * p.element_size() for p in on_device)
-                              + sum(p.grad.numel() * p.grad.element_size() for p in on_device if p.grad is not None))
-            if on_device:
-                resident_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+        if resident_bytes is None:
+            resident_bytes = allocated_model_bytes(model, probe.device)
         usable = int(safety * (free + resident_bytes))
         dynamic = usable - fixed
         need_msg = (f"measured free {free / GiB:.3f} GiB + resident {resident_bytes / GiB:.3f} GiB, "
@@ -454,63 +405,3 @@ def plan_memory(
     finally:
         for p in restore:
             p.grad = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Run-time back-off
-
-
-def is_oom_error(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def run_with_oom_backoff(
-    run: Callable[[int], T],
-    budget: int,
-    *,
-    max_retries: int = 3,
-    min_budget: int = 1,
-    is_oom: Callable[[BaseException], bool] = is_oom_error,
-    what: str = "backprop token budget",
-    plan: MemoryPlan | None = None,
-    on_backoff: Callable[[int, int], None] | None = None,
-) -> T:
-    """`run(budget)`; on an OOM halve the budget (not below `min_budget`), free caches and retry.
-
-    `run` must start from a clean state on every call (the trainer re-packs the kept samples and
-    zeroes partial gradients), so a retried step gives the same result. `on_backoff(old, new)`
-    lets the caller keep the smaller budget for later steps. After `max_retries` OOMs, or an OOM
-    at `min_budget`, raises RuntimeError naming the budgets tried and the plan.
-    """
-    tried = []
-    while True:
-        tried.append(budget)
-        try:
-            return run(budget)
-        except BaseException as e:  # noqa: B902 - filtered by is_oom, everything else re-raised
-            if not is_oom(e):
-                raise
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        # Outside the except block: the traceback (and the tensors its frames hold) is released.
-        _free_caches()
-        new = max(min_budget, budget // 2)
-        if len(tried) > max_retries or new == budget:
-            table = f"\n{plan.to_table()}" if plan is not None else ""
-            raise RuntimeError(f"out of memory at {what} {budget} after trying {tried} "
-                               f"({len(tried) - 1} back-offs, max_retries={max_retries}); "
-                               f"last error: {msg}{table}")
-        log.warning("OOM at %s %d (%s): halving to %d and retrying", what, budget, msg, new)
-        if on_backoff is not None:
-            on_backoff(budget, new)
-        budget = new
-
-
-def _free_caches() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -9,7 +9,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -45,16 +47,52 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the current step finished, a checkpoint was saved, the run stopped."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {path}. "
+                         f"Continue with: python -m fastdash.train ... output_dir={path.parent} resume=auto")
+
+
+def _install_stop_handlers(stop: dict) -> dict:
+    """SIGINT / SIGTERM set `stop['signum']`; the loop saves after the current step and exits. A second
+    signal stops at once (KeyboardInterrupt, no save). Returns the previous handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set from the main thread
+
+    def handler(signum, frame):
+        if stop["signum"] is not None:
+            raise KeyboardInterrupt
+        stop["signum"] = signum
+        log.warning("received %s: finishing the current step, then saving a checkpoint and exiting "
+                    "(send it again to stop at once without saving)", signal.Signals(signum).name)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 def run_training(cfg: Config, out: Path) -> dict:
+    stop = {"signum": None}
+    previous = _install_stop_handlers(stop)
+    try:
+        return _run_training(cfg, out, stop)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     from tqdm.auto import tqdm
 
-    from fastdash.checkpoint import resume_if_asked, save_checkpoint, save_final
+    from fastdash.checkpoint import check_output_dir, resume_if_asked, save_checkpoint, save_final
     from fastdash.evaluate import evaluate
     from fastdash.metrics import PHASES, MetricsLog, plot_run
     from fastdash.runtime import build_run
     from fastdash.trainer import Trainer
 
     t_start = time.perf_counter()
+    check_output_dir(cfg, out)
     run = build_run(cfg)
     save_config(cfg, out / "config.yaml")
     (out / "plan.json").write_text(json.dumps(run.plan.to_dict(), indent=2, default=str))
@@ -63,7 +101,12 @@ def run_training(cfg: Config, out: Path) -> dict:
     resumed_from = resume_if_asked(cfg, run, trainer, out)
     metrics_log = MetricsLog(out / "metrics.jsonl", start_step=run.state.step)
     evals_path = out / "evals.jsonl"
-    evals = [json.loads(x) for x in evals_path.read_text().splitlines()] if resumed_from and evals_path.exists() else []
+    evals = []
+    if resumed_from and evals_path.exists():  # keep evaluations up to the checkpoint; later ones (and the
+        step = run.state.step                    # final one, redone below) would appear twice
+        evals = [e for e in map(json.loads, evals_path.read_text().splitlines())
+                 if e["step"] < step or (e["step"] == step < run.total_steps)]
+    evals_path.write_text("".join(json.dumps(e) + "\n" for e in evals))
 
     def record_eval(step):
         e = evaluate(run, step)
@@ -73,13 +116,37 @@ def run_training(cfg: Config, out: Path) -> dict:
         return e
 
     t_eval = time.perf_counter()
-    before = evals[0] if evals else record_eval(0)
+    if resumed_from:  # the step-0 evaluation of the original run (none if its evals.jsonl is gone)
+        before = evals[0] if evals and evals[0]["step"] == 0 else {}
+    else:
+        before = record_eval(0)
     eval_s = time.perf_counter() - t_eval
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc="DASH", unit="step", dynamic_ncols=True)
     t_train = time.perf_counter()
+    saved_step = run.state.step if resumed_from else None
+
+    def save_now():
+        nonlocal saved_step
+        saved_step = run.state.step
+        return save_checkpoint(cfg, run, trainer, out)
+
     while run.state.step < run.total_steps:
+        if stop["signum"] is not None:
+            path = out / f"checkpoint-{run.state.step}" if saved_step == run.state.step else save_now()
+            raise TrainingInterrupted(stop["signum"], run.state.step, path)
         t0 = time.perf_counter()
-        row = trainer.step()
+        try:
+            row = trainer.step()
+        except Exception:
+            # Save the weights after the last completed step (no optimizer step of the failed one
+            # reached them), so the error loses no training; the failed step's rollout is dropped.
+            if saved_step != run.state.step and run.state.step > 0:
+                try:
+                    log.error("step %d failed; saving the state after step %d", run.state.step + 1, run.state.step)
+                    save_now()
+                except Exception:  # noqa: BLE001 - never hide the original error behind a save error
+                    log.exception("could not save a checkpoint after the failure")
+            raise
         row["time/step_s"] = time.perf_counter() - t0
         row["samples"] = run.state.samples
         metrics_log.write(row)
@@ -90,16 +157,17 @@ def run_training(cfg: Config, out: Path) -> dict:
             record_eval(run.state.step)
             eval_s += time.perf_counter() - t_eval
         if cfg.save_steps and run.state.step % cfg.save_steps == 0:
-            save_checkpoint(cfg, run, trainer, out)
+            save_now()
     bar.close()
     train_s = time.perf_counter() - t_train
     t_eval = time.perf_counter()
     after = record_eval(run.state.step)
     eval_s += time.perf_counter() - t_eval
-    save_final(cfg, run, trainer, out)
+    save_final(cfg, run, trainer, out, checkpoint=saved_step != run.state.step)
     totals = {f"time/{p}_s": sum(r.get(f"time/{p}_s", 0.0) for r in metrics_log.rows) for p in PHASES}
     summary = {
-        "eval/accuracy_before": before["eval/accuracy_greedy"], "eval/accuracy_after": after["eval/accuracy_greedy"],
+        "eval/accuracy_before": before.get("eval/accuracy_greedy"),
+        "eval/accuracy_after": after["eval/accuracy_greedy"],
         "eval/accuracy_sampled_before": before.get("eval/accuracy_sampled"),
         "eval/accuracy_sampled_after": after.get("eval/accuracy_sampled"),
         "eval/problems": len(run.eval_problems), "samples": run.state.samples, "optimizer_steps": run.state.step,
@@ -143,7 +211,14 @@ def main(argv=None) -> int:
         print(build_plan(cfg, model.to(device), device).to_table())
         return 0
     out = make_output_dir(cfg)
-    summary = run_training(cfg, out)
+    try:
+        summary = run_training(cfg, out)
+    except TrainingInterrupted as e:
+        print(f"\nfastdash: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except ValueError as e:  # bad data, checkpoint or config found while setting up: a message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report(summary, out)
     return 0
 

