@@ -181,6 +181,8 @@ def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 3, w
             runs[arm] = factory(arm, make_config(arm, size, seed))
             raw["setup"].append({"arm": arm, "seed": seed, "setup_s": runs[arm].setup_s,
                                  "resolved": getattr(runs[arm], "resolved", None)})
+        if evaluate:  # every arm starts from the same weights: one "before" number per seed
+            raw["evals"].append({"arm": "before", "seed": seed, "accuracy": runs[arms[0]].evaluate()})
         for i in range(steps):
             order = list(arms[i % len(arms):]) + list(arms[: i % len(arms)])  # rotate who goes first
             for arm in order:
@@ -320,11 +322,12 @@ def plot(arms: dict, path: Path, title: str) -> Path:
 
 def build_report(raw: dict, *, device: str, size: dict, seeds, steps: int, warmup: int, arms) -> dict:
     summary = summarise(raw, list(arms))
+    before = [e["accuracy"] for e in raw.get("evals", []) if e["arm"] == "before"]
     report = {**environment(device), "config": {"sizes": size, "arms": {a: ARMS[a] for a in arms},
                                                  "seeds": list(seeds), "steps_per_seed": steps, "warmup_steps": warmup,
                                                  "learning_task": is_learning_task(size),
                                                  "reward": None if is_learning_task(size) else "parity_reward (stand-in)"},
-              "arms": summary, "trl": {"skipped": trl_skip_reason()}, "raw_steps": raw["steps"]}
+              "heldout_accuracy_before": _mean_std(before), "arms": summary, "trl": {"skipped": trl_skip_reason()}, "raw_steps": raw["steps"]}
     for rec in report["raw_steps"]:
         rec.pop("prompts", None)  # big and identical across arms; the harness tests check them
     return report
@@ -349,7 +352,8 @@ def write_outputs(report: dict, out_dir: Path = RESULTS) -> dict:
                            f"torch {report['torch']}, triton {report['triton']}, model {cfg['sizes']['model']}, "
                            f"seeds {cfg['seeds']}, {cfg['steps_per_seed']} steps per seed "
                            f"({cfg['warmup_steps']} untimed), times in seconds summed over timed steps, "
-                           f"median [min, max] over seeds.\n\n{table}\n\n"
+                           f"median [min, max] over seeds. Held-out greedy accuracy before training: "
+                           f"{json.dumps(report.get('heldout_accuracy_before'))}\n\n{table}\n\n"
                            f"Resolved per arm: {json.dumps({a: v.get('resolved') for a, v in report['arms'].items()})}\n\n"
                            f"TRL: {report['trl']['skipped']}\n")
     plot(report["arms"], paths["png"], f"{cfg['sizes']['model']} on {report['device']}: time per arm by phase")
