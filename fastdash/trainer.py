@@ -103,8 +103,7 @@ class Trainer:
         with self.timer("generate"):
             self.engine.wake()
             for i in range(0, n_prompts, per_call):
-                completions += self.engine.generate(prompt_ids[i : i + per_call], G,
-                                                    self._call_params(params, i * G, per_call * G))
+                completions += self._generate(prompt_ids[i : i + per_call], self._call_params(params, i * G, per_call * G))
             self.engine.sleep()
         with self.timer("reward"):
             texts = [self.run.decode(c.completion_ids) for c in completions]
@@ -129,6 +128,23 @@ class Trainer:
                 "reward/failures": failed,
                 "completion/mean_length": sum(lengths) / len(lengths),
                 "completion/truncated_fraction": sum(s.truncated for s in samples) / len(samples)}
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams):
+        """One engine call; on OOM the engine's concurrency is halved and the call retried (same seed,
+        so the same samples), when the engine exposes `max_batch_size` (the HF engine)."""
+        if not hasattr(self.engine, "max_batch_size"):
+            return self.engine.generate(prompts, self.cfg.num_generations, params)
+        rows = len(prompts) * self.cfg.num_generations
+
+        def call(concurrency: int):
+            self.engine.max_batch_size = concurrency
+            return self.engine.generate(prompts, self.cfg.num_generations, params)
+
+        def shrink(old: int, new: int) -> None:
+            self.state.counters["oom_retries"] += 1
+
+        return run_with_oom_backoff(call, min(self.engine.max_batch_size or rows, rows), on_backoff=shrink,
+                                    what="generation batch", plan=self.run.plan)
 
     def _sampling_params(self) -> SamplingParams:
         c = self.cfg

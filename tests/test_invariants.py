@@ -101,3 +101,26 @@ def test_multi_and_mini_use_old_logps_of_the_sampling_policy(scripted_run, overr
     assert kept and all(s.old_logps is not None and s.old_logps.numel() == len(s.completion_ids) for s in kept)
     metrics = trainer.step()  # the policy moved: ratios differ from 1 and are measured against old_logps
     assert metrics["skipped"] == 0 and trainer.state.step == 2
+
+
+def test_generation_oom_halves_the_batch_and_keeps_the_samples(scripted_run):
+    """An OOM in generation halves the engine's concurrency and retries the same call."""
+    cfg, run = scripted_run()
+    from fastdash.rollout.hf import HFEngine
+
+    engine = HFEngine(run.model, run.tokenizer, max_batch_size=None)
+    seen = []
+    real = engine._generate_chunk
+
+    def flaky(rows, params, forced):
+        seen.append(len(rows))
+        if len(rows) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(rows, params, forced)
+
+    engine._generate_chunk = flaky
+    run.engine = engine
+    trainer = Trainer(cfg, run)
+    trainer.rollout()
+    assert seen[:3] == [16, 8, 4] and engine.max_batch_size == 4
+    assert run.state.counters["oom_retries"] == 2 and len(trainer.buffer[0]) == 16

@@ -114,6 +114,9 @@ if cfg["isolate"]:
             mount("/proc/self/fd/%d" % sfd, scratch, None, MS_BIND, None)
             os.close(sfd)
             if iso["root"]:
+                # a path under a now-hidden /tmp (a venv there, say) is gone: the code needs only the
+                # stdlib, which lives under the base prefix
+                cfg["expose"] = [p for p in cfg["expose"] if os.path.exists(p)]
                 for p in cfg["expose"]:
                     expose(p)
         except OSError as e:
@@ -168,7 +171,7 @@ try:
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
         except OSError as e:
             iso["errors"].append("proc: %s" % e)
-    if iso["root"] and cfg["uid"] is not None and not all(map(reachable, cfg["expose"])):
+    if iso["root"] and cfg["uid"] is not None and not all(map(reachable, filter(os.path.exists, cfg["expose"]))):
         iso["errors"].append("interpreter not reachable by an unprivileged uid: kept root")
         cfg["uid"] = None
     limits()
