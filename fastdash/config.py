@@ -71,6 +71,8 @@ class Config:
     packing: bool = True
     max_tokens_per_microbatch: int | str = "auto"  # token budget when packing; auto = scheduler
     memory_budget: int | None = None  # bytes the scheduler may plan for on CPU (None = available RAM)
+    generation_concurrency: int | str = "auto"  # sequences per engine batch (HF) / max_num_seqs (vLLM)
+    gpu_memory_utilization: float | str = "auto"  # vLLM's share of the GPU when colocated
     kernel: str = "auto"
     gradient_checkpointing: bool = False
     # --- optimiser ---
@@ -149,6 +151,12 @@ class Config:
         for key in positive:
             if getattr(self, key) <= 0:
                 bad(key, "must be > 0")
+        if isinstance(self.generation_concurrency, str) and self.generation_concurrency != "auto" or \
+                isinstance(self.generation_concurrency, int) and self.generation_concurrency <= 0:
+            bad("generation_concurrency", "must be 'auto' or a positive integer")
+        if isinstance(self.gpu_memory_utilization, str) and self.gpu_memory_utilization != "auto" or \
+                isinstance(self.gpu_memory_utilization, float) and not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "must be 'auto' or a fraction in (0, 1]")
         if isinstance(self.max_tokens_per_microbatch, str) and self.max_tokens_per_microbatch != "auto":
             bad("max_tokens_per_microbatch", "must be 'auto' or a positive integer")
         if isinstance(self.max_tokens_per_microbatch, int) and self.max_tokens_per_microbatch <= 0:

@@ -96,6 +96,18 @@ def _drop_long_prompts(cfg: Config, tok, problems: list[dict], what: str) -> lis
     return kept
 
 
+def check_head(model) -> None:
+    """The fused loss computes logits as hidden @ lm_head.weight.T / temperature: refuse models whose
+    head does more (a bias, soft-capping, scaling), rather than train on wrong log-probs."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}: the fused loss needs a bias-free linear lm_head")
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(model.config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(model).__name__}: config.{attr}={getattr(model.config, attr)} is not "
+                             "supported by the fused loss (it assumes logits = hidden @ W.T)")
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                             betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
@@ -126,7 +138,8 @@ def build_plan(cfg: Config, model, device: torch.device):
         model, max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
         samples_per_step=cfg.train_batch_size, samples_per_generation=cfg.generation_batch_size,
         beta=cfg.beta, engine=_planned_engine(cfg), memory_budget=cfg.memory_budget,
-        max_tokens_per_microbatch=cfg.max_tokens_per_microbatch)
+        max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, generation_concurrency=cfg.generation_concurrency,
+        gpu_memory_utilization=cfg.gpu_memory_utilization)
 
 
 def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
@@ -137,6 +150,7 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     model, tok = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                           seed=cfg.seed)
     model.to(device).train()
+    check_head(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     ref_model = None
