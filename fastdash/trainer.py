@@ -9,7 +9,7 @@
 Preemptive sampling is `generation_batch_size >= train_batch_size`: one engine call fills the step
 (or several steps: Mini, Multi). Baseline GRPO is `generation_batch_size = micro_batch_size`: many
 small calls for the same samples. Both then run the identical optimize().
-Setup (model, data, engine, optimizer, plan) lives in `fastdash.setup`; RNG and data position live
+Setup (model, data, engine, optimizer, plan) lives in `fastdash.runtime`; RNG and data position live
 in `TrainState`, the one object a checkpoint needs besides weights and optimizer.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ class PromptSampler:
 
 class Trainer:
     def __init__(self, cfg, run):
-        """`run` is a `fastdash.setup.Run`: model, tokenizer, engine, problems, reward, optimizer."""
+        """`run` is a `fastdash.runtime.Run`: model, tokenizer, engine, problems, reward, optimizer."""
         self.cfg, self.run = cfg, run
         self.model, self.tok, self.engine = run.model, run.tokenizer, run.engine
         self.state = run.state

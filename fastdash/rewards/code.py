@@ -54,9 +54,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-logger = logging.getLogger("fastdash")
-
 from fastdash.rewards.sandbox_boot import BOOT as _BOOT
+
+logger = logging.getLogger("fastdash")
 
 
 _FENCE_RE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
