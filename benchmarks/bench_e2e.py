@@ -53,5 +53,10 @@ def test_e2e_arm(benchmark, e2e_report, arm):
     _replay(benchmark, totals)
 
 
-def test_e2e_trl(benchmark):
-    pytest.skip(harness.trl_skip_reason())
+@pytest.mark.parametrize("arm", tuple(harness.TRL_ARMS))
+def test_e2e_trl(benchmark, e2e_report, arm):
+    """Arm 5 (TRL GRPOTrainer, see trl_arm.py): in the report only when trl could be run."""
+    if arm not in e2e_report["arms"]:
+        pytest.skip(e2e_report["trl"]["skipped"] or f"{arm} was not measured")
+    test_e2e_arm(benchmark, e2e_report, arm)
+    benchmark.extra_info["x_fastdash_time"] = e2e_report["arms"][arm].get("x_fastdash_time")

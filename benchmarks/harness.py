@@ -22,13 +22,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # checkout + trl_arm
 
 import torch  # noqa: E402
 
 from fastdash.config import Config, load_config  # noqa: E402
 from fastdash.metrics import PHASES  # noqa: E402
 from fastdash.models import SHIPPED  # noqa: E402
+from trl_arm import TRL_ARMS, TRLArm, skip_reason as trl_skip_reason  # noqa: E402  (arm 5, TRL in a worker)
 
 log = logging.getLogger("fastdash.bench")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,9 +169,9 @@ def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 3, w
     Returns the raw records: {"steps": [...], "evals": [...], "setup": [...]}."""
     if steps <= warmup:
         raise ValueError(f"steps={steps} must exceed warmup={warmup}: nothing would be timed")
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in ARMS and a not in TRL_ARMS]
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
+        raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS) + list(TRL_ARMS)}")
     evaluate = is_learning_task(size) if evaluate is None else evaluate
     reward = None if is_learning_task(size) else parity_reward
     factory = factory or (lambda arm, cfg: ArmRun.build(cfg, reward))
@@ -178,7 +179,7 @@ def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 3, w
     for seed in seeds:
         runs = {}
         for arm in arms:
-            runs[arm] = factory(arm, make_config(arm, size, seed))
+            runs[arm] = TRLArm(arm, size, seed, steps) if arm in TRL_ARMS else factory(arm, make_config(arm, size, seed))
             raw["setup"].append({"arm": arm, "seed": seed, "setup_s": runs[arm].setup_s,
                                  "resolved": getattr(runs[arm], "resolved", None)})
         if evaluate:  # every arm starts from the same weights: one "before" number per seed
@@ -193,6 +194,8 @@ def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 3, w
         if evaluate:
             for arm in arms:
                 raw["evals"].append({"arm": arm, "seed": seed, "accuracy": runs[arm].evaluate()})
+        for r in runs.values():
+            getattr(r, "close", lambda: None)()  # TRL workers exit
         del runs
     return raw
 
@@ -236,6 +239,8 @@ def summarise(raw: dict, arms=None) -> dict:
             red = [100.0 * (1.0 - t[s]["total_s"] / per["grpo"][s]["total_s"]) for s in seeds]
             arm["reduction_vs_grpo"] = statistics.median(red)
             arm["reduction_vs_grpo_spread"] = _spread(red)
+        if "fastdash" in per:  # paired too: how many times fastdash's time this arm takes (TRL goal >= 1.5)
+            arm["x_fastdash_time"] = _spread([t[s]["total_s"] / per["fastdash"][s]["total_s"] for s in seeds])
         learn = {"train_reward_mean": _mean_std([v["reward_mean"] for v in t.values()]),
                  "train_reward_last": _mean_std([v["reward_last"] for v in t.values()])}
         accs = [e["accuracy"] for e in raw.get("evals", []) if e["arm"] == a]
@@ -278,15 +283,18 @@ def environment(device: str) -> dict:
 
 
 def format_table(arms: dict) -> str:
-    cols = ["arm", "total_s [min,max]", *PHASES, "other", "samples/s", "tokens/s", "vs GRPO % [min,max]"]
+    cols = ["arm", "total_s [min,max]", *PHASES, "other", "samples/s", "tokens/s", "vs GRPO % [min,max]",
+            "x fastdash time [min,max]"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, a in arms.items():
         sp = a["total_s_spread"]
         red = (f"{a['reduction_vs_grpo']:.1f} [{a['reduction_vs_grpo_spread']['min']:.1f}, "
                f"{a['reduction_vs_grpo_spread']['max']:.1f}]") if "reduction_vs_grpo" in a else "-"
+        x = a.get("x_fastdash_time")
         lines.append("| " + " | ".join([name, f"{a['total_s']:.2f} [{sp['min']:.2f}, {sp['max']:.2f}]",
                                         *(f"{a['phases'][p]:.2f}" for p in (*PHASES, "other")),
-                                        f"{a['samples_per_s']:.1f}", f"{a['tokens_per_s']:.0f}", red]) + " |")
+                                        f"{a['samples_per_s']:.1f}", f"{a['tokens_per_s']:.0f}", red,
+                                        f"{x['median']:.2f} [{x['min']:.2f}, {x['max']:.2f}]" if x else "-"]) + " |")
     learn = ["", "| arm | train reward (mean over steps) | held-out greedy accuracy |", "|---|---|---|"]
     for name, a in arms.items():
         r, acc = a["learning"].get("train_reward_mean", {}), a["learning"].get("heldout_accuracy")
@@ -323,22 +331,14 @@ def plot(arms: dict, path: Path, title: str) -> Path:
 def build_report(raw: dict, *, device: str, size: dict, seeds, steps: int, warmup: int, arms) -> dict:
     summary = summarise(raw, list(arms))
     before = [e["accuracy"] for e in raw.get("evals", []) if e["arm"] == "before"]
-    report = {**environment(device), "config": {"sizes": size, "arms": {a: ARMS[a] for a in arms},
+    report = {**environment(device), "config": {"sizes": size, "arms": {a: ARMS.get(a) or TRL_ARMS[a] for a in arms},
                                                  "seeds": list(seeds), "steps_per_seed": steps, "warmup_steps": warmup,
                                                  "learning_task": is_learning_task(size),
                                                  "reward": None if is_learning_task(size) else "parity_reward (stand-in)"},
-              "heldout_accuracy_before": _mean_std(before), "arms": summary, "trl": {"skipped": trl_skip_reason()}, "raw_steps": raw["steps"]}
+              "heldout_accuracy_before": _mean_std(before), "arms": summary, "trl": {"skipped": _trl_skip(device, size) if set(TRL_ARMS) - set(arms) else None}, "raw_steps": raw["steps"]}
     for rec in report["raw_steps"]:
         rec.pop("prompts", None)  # big and identical across arms; the harness tests check them
     return report
-
-
-def trl_skip_reason() -> str:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return "trl is not installed (pip install -e '.[bench]'); TRL arm skipped"
-    return "trl is installed but the TRL arm is not implemented in this harness yet"
 
 
 def write_outputs(report: dict, out_dir: Path = RESULTS) -> dict:
@@ -355,21 +355,31 @@ def write_outputs(report: dict, out_dir: Path = RESULTS) -> dict:
                            f"median [min, max] over seeds. Held-out greedy accuracy before training: "
                            f"{json.dumps(report.get('heldout_accuracy_before'))}\n\n{table}\n\n"
                            f"Resolved per arm: {json.dumps({a: v.get('resolved') for a, v in report['arms'].items()})}\n\n"
-                           f"TRL: {report['trl']['skipped']}\n")
+                           f"TRL: {report['trl']['skipped'] or TRL_NOTE}\n")
     plot(report["arms"], paths["png"], f"{cfg['sizes']['model']} on {report['device']}: time per arm by phase")
     return paths
 
 
-DEFAULT_STEPS = {"cpu": 8, "gpu": 3}  # CPU: enough steps for the learning comparison; GPU: minutes
+TRL_NOTE = ("arms trl (gradient checkpointing on, TRL's default) and trl_no_gc: GRPOTrainer in a worker process "
+            "(benchmarks/trl_arm.py), stepped in the same rotation as the other arms; phases timed by wrapping its "
+            "methods. 'x fastdash time' = arm time / fastdash time, paired per seed.")
+DEFAULT_STEPS = {"cpu": 8, "gpu": 3}
+
+
+def _trl_skip(device: str, size: dict) -> str | None:
+    if device != "cpu" or not is_learning_task(size):  # trl_arm builds the CPU learning task only
+        return "TRL arm is wired for the CPU shipped-model task only; skipped"
+    return trl_skip_reason()  # CPU: enough steps for the learning comparison; GPU: minutes
 
 
 def run_suite(device: str | None = None, seeds=(0, 1, 2), steps: int | None = None, warmup: int = 1,
-              arms=DEFAULT_ARMS, out_dir: Path | None = RESULTS, size_overrides: dict | None = None) -> dict:
+              arms=None, out_dir: Path | None = RESULTS, size_overrides: dict | None = None) -> dict:
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
     steps = steps or DEFAULT_STEPS[device]
     if device == "gpu" and not torch.cuda.is_available():
         raise ValueError("device=gpu but CUDA is not available")
     size = {**sizes(device), **(size_overrides or {})}
+    arms = arms or DEFAULT_ARMS + (tuple(TRL_ARMS) if _trl_skip(device, size) is None else ())
     raw = measure(arms, size=size, seeds=seeds, steps=steps, warmup=warmup)
     report = build_report(raw, device=device, size=size, seeds=seeds, steps=steps, warmup=warmup, arms=arms)
     if out_dir is not None:
@@ -384,7 +394,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per arm and seed {DEFAULT_STEPS}")
     ap.add_argument("--warmup", type=int, default=1, help="leading steps per arm and seed left untimed")
-    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS))
+    ap.add_argument("--arms", default="", help=f"default: {','.join(DEFAULT_ARMS)} (+ {','.join(TRL_ARMS)} with trl)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

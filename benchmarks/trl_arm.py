@@ -106,9 +106,10 @@ class TRLArm:
         return self._ask("eval")["accuracy"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()  # EOF: the worker exits
-            self.proc.wait(timeout=120)
+        proc = getattr(self, "proc", None)  # None when __init__ failed before starting it
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()  # EOF: the worker exits
+            proc.wait(timeout=120)
 
     __del__ = close
 

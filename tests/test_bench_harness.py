@@ -130,3 +130,20 @@ def test_outputs_are_written(tmp_path):
 def test_steps_must_exceed_warmup():
     with pytest.raises(ValueError, match="warmup"):
         harness.measure(("grpo",), size=TINY, steps=1, warmup=1)
+
+
+def test_trl_arm_skips_with_a_reason_when_trl_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules["trl_arm"].importlib.util, "find_spec", lambda name: None)  # as if trl were absent
+    monkeypatch.delenv("FASTDASH_TRL_PYTHON", raising=False)
+    reason = harness.trl_skip_reason()
+    assert reason and "trl is not installed" in reason and "FASTDASH_TRL_PYTHON" in reason
+    monkeypatch.setenv("FASTDASH_TRL_PYTHON", str(tmp_path / "no-such-python"))
+    assert "does not exist" in harness.trl_skip_reason()
+    with pytest.raises(ValueError, match="does not exist"):
+        sys.modules["trl_arm"].TRLArm("trl", TINY, seed=0, steps=2)
+    # the report carries the reason and no TRL arm is run
+    raw = harness.measure(("grpo",), size=TINY, seeds=(0,), steps=2, warmup=1, evaluate=False,
+                          factory=_fake_factory({"grpo": 0.001}), log_fn=lambda *_: None)
+    report = harness.build_report(raw, device="cpu", size=dict(TINY, model="tiny-arith"), seeds=(0,), steps=2,
+                                  warmup=1, arms=("grpo",))
+    assert "does not exist" in report["trl"]["skipped"] and set(report["arms"]) == {"grpo"}
