@@ -5,11 +5,15 @@ Backends, best first (`select_attention_backend`):
 - ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, when the package is installed);
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10; KV heads are
   repeated for GQA where the installed torch has no ``enable_gqa``);
-- ``sdpa``: transformers' own sdpa path (CPU, or CUDA without either of the above). It detects
+- ``sdpa_varlen`` (CPU): sdpa per packed sequence, sequences of equal length batched into one call.
+  Exact, and linear in the row's length: transformers' packed sdpa path below builds a [T, T] mask,
+  so its cost grows with the square of the token budget and caps useful budgets at a few hundred
+  tokens on CPU;
+- ``sdpa``: transformers' own sdpa path (CUDA without either varlen kernel). It detects
   packing from position ids that restart at 0, but only with ``attention_mask=None`` and
   ``use_cache=False``; it then builds a block-diagonal causal mask [T, T].
 
-The two varlen backends are wired into transformers as one registered attention function,
+The varlen backends are wired into transformers as one registered attention function,
 ``fastdash_varlen``: packed calls (``cu_seq_lens_q`` in the kwargs, no mask) go to the varlen kernel,
 padded calls (2-D mask) to transformers' sdpa with the usual mask, so one model serves both arms.
 Importing this module never needs flash-attn.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("fastdash")
 
 VARLEN_IMPL = "fastdash_varlen"  # name registered with transformers' AttentionInterface
+VARLEN_BACKENDS = ("flash_attn", "torch_varlen", "sdpa_varlen")  # served by VARLEN_IMPL
 _BACKENDS: dict[str, str] = {}  # device type -> chosen backend (chosen and logged once)
 _registered = False
 
@@ -52,7 +57,7 @@ def select_attention_backend(device: torch.device | str) -> str:
     """'flash_attn', 'torch_varlen' or 'sdpa' for packed micro-batches on `device`; logged once."""
     dev = torch.device(device).type
     if dev not in _BACKENDS:
-        backend = "sdpa"
+        backend = "sdpa_varlen" if dev == "cpu" else "sdpa"
         if dev == "cuda":
             if _flash_attn_varlen_func() is not None:
                 backend = "flash_attn"
@@ -80,10 +85,10 @@ def use_packed_attention(model: torch.nn.Module, backend: str | None = None) -> 
     """
     if backend is None:
         backend = select_attention_backend(_model_device(model))
-    elif backend not in ("flash_attn", "torch_varlen", "sdpa"):
-        raise ValueError(f"backend must be 'flash_attn', 'torch_varlen' or 'sdpa', got {backend!r}")
+    elif backend not in VARLEN_BACKENDS + ("sdpa",):
+        raise ValueError(f"backend must be one of {VARLEN_BACKENDS + ('sdpa',)}, got {backend!r}")
     current = model.config._attn_implementation
-    if backend in ("flash_attn", "torch_varlen"):
+    if backend in VARLEN_BACKENDS:
         if current != VARLEN_IMPL:
             register_varlen_attention()
             model.set_attn_implementation(VARLEN_IMPL)
@@ -166,8 +171,8 @@ def varlen_attention(
         varlen = _torch_varlen_attn()
         if varlen is not None and dropout == 0.0:
             return _call_torch_varlen(varlen, q, k, v, cu, max_seqlen, scale)
-    # fp32 (the kernels take fp16/bf16 only), CPU, or dropout: exact reference, one sdpa per sample
-    return _sdpa_per_sequence(q, k, v, cu, scale, dropout)
+    # fp32 (the kernels take fp16/bf16 only), CPU, or dropout: exact, one sdpa per sequence length
+    return _sdpa_by_length(q, k, v, cu, scale, dropout)
 
 
 def _call_torch_varlen(varlen, q, k, v, cu, max_seqlen, scale):
@@ -186,12 +191,17 @@ def _call_torch_varlen(varlen, q, k, v, cu, max_seqlen, scale):
     return varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 
-def _sdpa_per_sequence(q, k, v, cu, scale, dropout):
+def _sdpa_by_length(q, k, v, cu, scale, dropout):
+    """Causal sdpa within each sequence; sequences of one length go through one batched call, so a
+    row of many short samples costs a few calls per layer, not one per sample, and no [T, T] mask."""
     gqa = q.shape[1] != k.shape[1]
-    bounds = cu.tolist()
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, L, D]
+    starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+    out = q.new_empty(q.shape)
+    for L in torch.unique(lengths).tolist():
+        if L == 0:
+            continue
+        idx = (starts[lengths == L][:, None] + torch.arange(L, device=q.device)).reshape(-1)  # [n * L]
+        qs, ks, vs = (x[idx].unflatten(0, (-1, L)).transpose(1, 2) for x in (q, k, v))  # [n, H, L, D]
         o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs)  # [T, Hq, D]
+        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(-1, *q.shape[1:]))
+    return out  # [T, Hq, D]

@@ -55,7 +55,7 @@ def make_samples(shapes: list[tuple[int, int]], seed: int = 0, logps: bool = Fal
 SHAPES = [(5, 9), (1, 1), (12, 3), (3, 17), (7, 1), (2, 6)]
 
 
-@pytest.fixture(params=["sdpa", "torch_varlen"])
+@pytest.fixture(params=["sdpa", "torch_varlen", "sdpa_varlen"])
 def model(request):
     """sdpa: transformers' packed path. torch_varlen: the registered `fastdash_varlen` wiring (on CPU
     in fp32 its kernel is the exact per-sequence fallback, so this checks the plumbing, not speed)."""
@@ -130,6 +130,7 @@ def test_use_cache_and_attention_mask_trap():
     samples = make_samples(SHAPES)
     mb = collate_packed(samples)
     reference = torch.cat([_full_logits(model, collate_packed([s])) for s in samples])
+    model.set_attn_implementation("sdpa")  # the trap is transformers' own packed sdpa path
     decoder = model.get_decoder()
 
     def logits(**kw):
@@ -332,7 +333,7 @@ def test_padded_planner():
 
 
 def test_backend_on_cpu_is_sdpa():
-    assert select_attention_backend("cpu") == "sdpa"
-    assert select_attention_backend(torch.device("cpu")) == "sdpa"
+    assert select_attention_backend("cpu") == "sdpa_varlen"
+    assert select_attention_backend(torch.device("cpu")) == "sdpa_varlen"
     with pytest.raises(ValueError, match="backend"):
         use_packed_attention(tiny_qwen2(), backend="nope")
