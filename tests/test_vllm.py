@@ -57,6 +57,44 @@ def test_missing_vllm_gives_a_reason_and_auto_falls_back(monkeypatch):
         make_engine(Config(engine="vllm"), model, tok)
 
 
+def test_data_parallel_device_sets():
+    from fastdash.rollout.vllm_dp import _cpu_core_sets, _cuda_device_sets
+
+    assert _cuda_device_sets(2, 1, 2, None) == ["0", "1"]
+    assert _cuda_device_sets(2, 2, 5, "7, 5,3,1,0") == ["7,5", "3,1"]  # indices into the visible GPUs
+    with pytest.raises(ValueError, match="needs 4 GPUs, but 3 are visible"):
+        _cuda_device_sets(2, 2, 3, None)
+    assert _cpu_core_sets(2, 1, [0, 1]) == ["0", "1"]
+    assert _cpu_core_sets(2, 1, [2, 3, 4, 5, 6]) == ["2,3", "4,5"]
+    assert _cpu_core_sets(2, 2, list(range(8))) == ["0,1|2,3", "4,5|6,7"]
+    assert _cpu_core_sets(2, 1, [0]) == [None, None]  # too few cores: vLLM's own binding
+
+
+def test_weight_exporter_writes_once_per_optimizer_step(monkeypatch):
+    """H engines syncing to one model share one file, rewritten only after the weights change, with
+    every state_dict key (the tied lm_head too: without it vLLM's reload keeps its old lm_head)."""
+    import safetensors.torch as st
+
+    from fastdash.models import char_tokenizer, random_model
+    from fastdash.rollout.vllm import _WeightExporter
+
+    model = random_model("tiny", vocab_size=len(char_tokenizer()))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: the case that matters
+    writes = []
+    save = st.save_file
+    monkeypatch.setattr(st, "save_file", lambda *a, **k: writes.append(1) or save(*a, **k))
+    ex = _WeightExporter()
+    path = ex.export(model)
+    assert ex.export(model) == path and len(writes) == 1
+    _nudge(model)
+    ex.export(model)
+    assert len(writes) == 2
+    saved = st.load_file(f"{path}/model.safetensors")
+    assert saved.keys() == model.state_dict().keys()
+    for name, t in model.state_dict().items():  # the file holds the stepped weights
+        assert torch.equal(saved[name], t), name
+
+
 # ------------------------------------------------------------------ with vLLM --------------------
 def _config(**overrides) -> Config:
     base = dict(model="random:tiny", engine="vllm", max_prompt_length=16, max_completion_length=8,
@@ -235,3 +273,75 @@ def test_short_training_run_learns_like_the_hf_engine(setup):
     gain = {arm: last - first for arm, (first, last) in curves.items()}
     print("reward first-3 / last-3 means:", curves)
     assert 0.33 < gain["vllm"] / gain["hf"] < 3, curves
+
+
+# ------------------------------------------------------------------ data parallel ----------------
+@pytest.fixture(scope="module")
+def dp_setup(setup):
+    """(round-robin engine over 2 vLLM engines, model, tokenizer) through make_engine, own model."""
+    from fastdash.models import load_model_and_tokenizer
+    from fastdash.rollout import make_engine
+
+    cfg = _config(max_prompt_length=160, extra={"vllm_data_parallel_size": 2})
+    model, tok = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
+    engine = make_engine(cfg, model, tok)
+    yield engine, model, tok
+    # Stop the engine-core processes now rather than at interpreter exit, both at once (~4 s each).
+    list(engine.pool.map(lambda e: e.shutdown(), engine.engines))
+
+
+@needs_vllm
+def test_data_parallel_alternates_prompts_and_matches_one_engine(setup, dp_setup, monkeypatch):
+    single, _, single_model, _ = setup
+    rr, model, tok = dp_setup
+    assert rr.name == "round_robin" and len(rr.engines) == 2
+    assert all(not e.in_process and e.max_num_seqs == 8 for e in rr.engines)  # 16 split in two
+    # really a child process each, though the module's in-process engine froze vLLM's env reads
+    assert {type(e.llm.llm_engine.engine_core).__name__ for e in rr.engines} == {"SyncMPClient"}
+    served = {0: [], 1: []}
+    for h, e in enumerate(rr.engines):  # record which engine gets which prompt
+        def spy(prompts, n, params, h=h, inner=e.generate):
+            served[h].extend(prompts)
+            return inner(prompts, n, params)
+        monkeypatch.setattr(e, "generate", spy)
+    prompts = [_ids(tok, t) for t in ("1+2=", "345+678=", "9=", "12*3=", "7-7=")]
+    out = rr.generate(prompts, 3, SamplingParams(max_tokens=5, temperature=T, seed=0))
+    assert served == {0: [prompts[0], prompts[2], prompts[4]], 1: [prompts[1], prompts[3]]}
+    assert [c.prompt_ids for c in out] == [p for p in prompts for _ in range(3)]
+    assert any(c.truncated for c in out) and any(not c.truncated for c in out)
+    eos = rr.engines[0].eos_id
+    for c in out:  # same meaning as one engine: EOS last unless truncated, log-probs the trainer's
+        assert (len(c.completion_ids) == 5 and eos not in c.completion_ids) if c.truncated else \
+            (c.completion_ids[-1] == eos and eos not in c.completion_ids[:-1])
+        ref = _trainer_logps(model, c.prompt_ids, c.completion_ids, T)
+        assert torch.allclose(torch.tensor(c.sampler_logps), ref, atol=1e-5), (c.sampler_logps, ref)
+    greedy = SamplingParams(max_tokens=8, greedy=True)
+    single.sync_weights(model)  # the in-process engine on the same weights
+    try:
+        want = [c.completion_ids for c in single.generate(prompts, 1, greedy)]
+    finally:
+        single.sync_weights(single_model)
+    assert [c.completion_ids for c in rr.generate(prompts, 1, greedy)] == want
+
+
+@needs_vllm
+def test_data_parallel_sync_after_an_optimizer_step(dp_setup):
+    rr, model, tok = dp_setup
+    # Longer than one KV block (128 tokens on CPU), two per engine: stale prefix caches would show.
+    prompts = [_ids(tok, t) for t in ("12+345=" * 20, "6-7=" * 35, "8*9=" * 35, "1+1=" * 38)]
+    params = SamplingParams(max_tokens=8, temperature=T, seed=3)
+
+    def mismatch(engine):
+        out = engine.generate(prompts, 2, params)
+        return inference_mismatch([_trainer_logps(model, c.prompt_ids, c.completion_ids, T) for c in out],
+                                  [c.sampler_logps for c in out])["mismatch/logp_abs_max"]
+
+    rr.sync_weights(model)
+    rr.generate(prompts, 2, params)  # fills both engines' prefix caches
+    _nudge(model)
+    rr.sync_weights(model)
+    assert [mismatch(e) < 1e-4 for e in rr.engines] == [True, True]  # every engine has the new weights
+    _nudge(model, seed=1)  # an optimizer step whose sync is "forgotten"
+    assert mismatch(rr) > 1e-2
+    rr.sync_weights(model)
+    assert mismatch(rr) < 1e-4

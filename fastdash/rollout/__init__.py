@@ -13,15 +13,15 @@ def make_engine(cfg, model, tokenizer, plan=None) -> Engine:
     """engine = auto | vllm | hf. auto takes vLLM when it imports, else HF, and says which once."""
     concurrency = getattr(plan, "generation_concurrency", None) if plan is not None else None
     if cfg.engine in ("auto", "vllm"):
-        try:
-            from fastdash.rollout.vllm import VLLMEngine, vllm_available
-        except ImportError:
-            vllm_available = None
-        reason = vllm_available() if vllm_available else "fastdash.rollout.vllm is missing"
+        from fastdash.rollout.vllm import vllm_available  # never imports vllm itself
+        from fastdash.rollout.vllm_dp import make_vllm_engines
+
+        reason = vllm_available()
         if reason is None:
             try:
-                engine = VLLMEngine(cfg, model, tokenizer, plan)
-                log.info("rollout engine: vllm")
+                engine = make_vllm_engines(cfg, model, tokenizer, plan)  # one, or H round-robin
+                log.info("rollout engine: vllm%s", f" x{len(engine.engines)} (round robin)"
+                         if hasattr(engine, "engines") else "")
                 return engine
             except RuntimeError as e:  # vLLM imports but cannot start here
                 reason = f"it failed to start: {str(e).splitlines()[0][:200]}"

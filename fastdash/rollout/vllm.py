@@ -9,10 +9,14 @@ Sampler log-probs use vLLM's `processed_logprobs` mode (after temperature, top-k
 what the trainer computes (log_softmax(logits / T)) whenever top-k / top-p keep the sampled token's
 whole distribution; `inference_mismatch` compares the two and catches a sync that silently failed.
 
+Data parallel (`vllm_dp.make_vllm_engines`, vllm_data_parallel_size = H > 1): H engines, each with its core in
+its own process pinned to its GPUs (CPU: cores), round robin over them; weights go through one file.
+
 vLLM is optional: importing this module never imports vLLM; `vllm_available()` says why it can't run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -90,7 +94,13 @@ def _kv_bytes_per_token(model) -> int:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, cfg, model, tokenizer, plan=None):
+    def __init__(self, cfg, model, tokenizer, plan=None, *, devices: str | None = None,
+                 own_process: bool = False, max_num_seqs: int | None = None, rank: int = 0,
+                 exporter: _WeightExporter | None = None):
+        """Data-parallel knobs (see `make_vllm_engines`): `own_process` puts the engine core in a child
+        process; `devices` (implies it) pins that process: CUDA_VISIBLE_DEVICES on CUDA, a
+        VLLM_CPU_OMP_THREADS_BIND core list on CPU; `max_num_seqs` overrides the plan's; `rank`
+        offsets the seed; engines sharing an `exporter` write synced weights once."""
         reason = vllm_available()
         if reason is not None:
             raise RuntimeError(f"vLLM cannot be used: {reason}; {INSTALL_HINT}")
@@ -101,26 +111,34 @@ class VLLMEngine:
         param = next(model.parameters())
         self.on_cuda = param.device.type == "cuda"
         self.tp = int(_option(cfg, "vllm_tensor_parallel_size", 1))
-        dp = int(_option(cfg, "vllm_data_parallel_size", 1))
-        if dp != 1:
-            raise ValueError(f"vllm_data_parallel_size={dp}: data-parallel generation over several engines is "
-                             "not implemented yet; use vllm_tensor_parallel_size to spread one engine")
         self.max_model_len = cfg.max_prompt_length + cfg.max_completion_length
-        self.max_num_seqs = int(getattr(plan, "generation_concurrency", 0) or cfg.generation_batch_size)
+        self.max_num_seqs = int(max_num_seqs or getattr(plan, "generation_concurrency", 0)
+                                or cfg.generation_batch_size)
         sleep = plan.vllm_sleep if plan is not None and plan.vllm_sleep is not None else True
         self.sleep_enabled = self.on_cuda and bool(sleep)  # the CPU backend ignores sleep/wake
         self._asleep: set[str] = set()  # memory tags vLLM has released: "weights", "kv_cache"
         self._stale_cache = False  # a sync happened since the last reset_prefix_cache
 
         # In-process engine: weight sync hands tensors over directly. With tensor parallelism the
-        # workers are separate processes anyway, so the engine core may be one too.
-        if self.tp == 1:
+        # workers are separate processes anyway, so the engine core may be one too. A data-parallel
+        # engine must be its own process: vLLM keeps the forward context in a module global, so two
+        # in-process engines generating in parallel threads would read each other's batch metadata.
+        env: dict[str, str] = {}
+        if own_process or devices is not None:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+            if devices is not None:  # GPUs, or on CPU the cores the worker's OpenMP threads bind to
+                env["CUDA_VISIBLE_DEVICES" if self.on_cuda else "VLLM_CPU_OMP_THREADS_BIND"] = devices
+        elif self.tp == 1:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if not self.on_cuda:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._cpu_kv_gib(model, plan)))
+        if not self.on_cuda:  # scoped for an own-process engine: each one sizes its own cache
+            target = env if env else os.environ
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                target["VLLM_CPU_KVCACHE_SPACE"] = str(self._cpu_kv_gib(model, plan))
+        self.in_process = {**os.environ, **env}.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        self._exporter = exporter  # made on the first sync that needs one
         self._tmpdir = None
         path = self._model_dir(cfg, model, tokenizer)
-        kwargs = dict(model=str(path), dtype=str(param.dtype).removeprefix("torch."), seed=cfg.seed,
+        kwargs = dict(model=str(path), dtype=str(param.dtype).removeprefix("torch."), seed=cfg.seed + rank,
                       max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                       tensor_parallel_size=self.tp, logprobs_mode="processed_logprobs",
                       enable_prefix_caching=True)
@@ -135,10 +153,11 @@ class VLLMEngine:
         from vllm import LLM
 
         try:
-            self.llm = LLM(**kwargs)
+            with _scoped_env(env):
+                self.llm = LLM(**kwargs)
         except Exception as e:
             raise RuntimeError(f"vLLM failed to start ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
-        if not self.on_cuda and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        if not self.on_cuda and self.in_process:
             # The CPU worker replaces torch.set_num_threads with a no-op process-wide (it guards the
             # OpenMP core binding of a separate worker process; in-process nothing is bound). Give the
             # trainer its thread control back; vLLM's own later calls only scope threads and restore.
@@ -147,10 +166,11 @@ class VLLMEngine:
         # vLLM's CPU worker warns on every later set_num_threads call (once per generate).
         logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
         self.sync_weights(model)  # the directory's weights may be older than the model (resume)
-        log.info("vllm engine: %s, dtype %s, max_num_seqs %d, max_model_len %d, tp %d%s", path,
-                 kwargs["dtype"], self.max_num_seqs, self.max_model_len, self.tp,
-                 f", gpu_memory_utilization {kwargs['gpu_memory_utilization']:.2f}, sleep {self.sleep_enabled}"
-                 if self.on_cuda else f", CPU KV cache {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB")
+        where = "in-process" if self.in_process else f"own process, devices {devices}"
+        memory = (f"gpu_memory_utilization {kwargs['gpu_memory_utilization']:.2f}, sleep {self.sleep_enabled}"
+                  if self.on_cuda else f"CPU KV cache {({**os.environ, **env})['VLLM_CPU_KVCACHE_SPACE']} GiB")
+        log.info("vllm engine %d: %s, dtype %s, max_num_seqs %d, max_model_len %d, tp %d, %s, %s", rank, path,
+                 kwargs["dtype"], self.max_num_seqs, self.max_model_len, self.tp, where, memory)
 
     # ------------------------------------------------------------------ setup --------------------
     def _cpu_kv_gib(self, model, plan) -> int:
@@ -181,13 +201,14 @@ class VLLMEngine:
         if "weights" in self._asleep:  # weights were offloaded by sleep(): bring them back, then overwrite
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
-        state = model.state_dict()
-        if self.tp == 1:
-            weights = iter(state.items())  # same process: the tensors themselves
-        else:
-            weights = [(k, v.detach().cpu()) for k, v in state.items()]  # pickled to the TP workers
         with torch.no_grad():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if self.in_process and self.tp == 1:  # same process: the tensors themselves
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(model.state_dict().items())})
+            else:
+                # Other processes read a file: calls into an engine-core process go through msgspec,
+                # which turns tensors in untyped kwargs into plain lists. One file for all engines.
+                self._exporter = self._exporter or _WeightExporter()
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._exporter.export(model)})
         self._stale_cache = True
 
     def sleep(self) -> None:
@@ -200,6 +221,12 @@ class VLLMEngine:
         if self._asleep:
             self.llm.wake_up(tags=sorted(self._asleep))
             self._asleep.clear()
+
+    def shutdown(self) -> None:
+        """Stop the engine core (its process, for an own-process engine); the engine is unusable after."""
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     def _ready(self) -> None:
         self.wake()  # generating while asleep would fail; the trainer wakes first, other callers may not
@@ -275,6 +302,60 @@ class VLLMEngine:
                                  VSP(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
         return [[float(step[tok].logprob) for step, tok in zip(o.prompt_logprobs[1:], s[1:])]
                 for s, o in zip(sequences, outs)]
+
+
+class _WeightExporter:
+    """The model's weights as safetensors (in /dev/shm when there is one) for engines in other
+    processes; rewritten only when a parameter's version counter moved (an optimizer step), so H
+    engines cost one write. Tied keys too: save_pretrained drops a tied lm_head, and vLLM's reload
+    then keeps its old lm_head (measured: 0.13 nats off)."""
+
+    def __init__(self):
+        root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self._dir = tempfile.TemporaryDirectory(prefix="fastdash-vllm-sync-", dir=root)
+        self._key = None
+
+    def export(self, model) -> str:
+        from safetensors.torch import save_file
+
+        key = (id(model),) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if key != self._key:
+            seen, tensors = set(), {}
+            for name, t in model.state_dict().items():  # safetensors refuses shared storage: copy ties
+                t = t.detach().contiguous().cpu()
+                tensors[name] = t.clone() if t.data_ptr() in seen else t
+                seen.add(t.data_ptr())
+            save_file(tensors, os.path.join(self._dir.name, "model.safetensors"))
+            self._key = key
+        return self._dir.name
+
+
+@contextlib.contextmanager
+def _scoped_env(env: dict[str, str]):
+    """Environment variables set only while one engine starts, so its CUDA_VISIBLE_DEVICES or
+    multiprocessing mode reaches neither the trainer nor the next engine. An in-process engine
+    froze vLLM's env reads (vllm.envs.enable_envs_cache): thaw them meanwhile, re-freeze after."""
+    if not env:
+        yield
+        return
+    import vllm.envs as venvs
+
+    cached = venvs._is_envs_cache_enabled() if hasattr(venvs, "_is_envs_cache_enabled") else False
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if cached:
+        venvs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if cached:
+            venvs.disable_envs_cache()  # whatever the new engine cached belongs to its values
+            venvs.enable_envs_cache()
 
 
 def _mix(seed: int, index: int) -> int:
