@@ -95,8 +95,7 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     check_output_dir(cfg, out)
     run = build_run(cfg)
     save_config(cfg, out / "config.yaml")
-    (out / "plan.json").write_text(json.dumps(run.plan.to_dict(), indent=2, default=str))
-    log.info("memory plan:\n%s", run.plan.to_table())
+    run.plan.log_and_save(str(out))  # memory_plan.json + the table (and any warning) in the log
     trainer = Trainer(cfg, run)
     resumed_from = resume_if_asked(cfg, run, trainer, out)
     metrics_log = MetricsLog(out / "metrics.jsonl", start_step=run.state.step)

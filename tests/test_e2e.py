@@ -52,7 +52,7 @@ def test_run_directory_is_complete(short_run):
         assert key in summary, key
     assert summary["samples"] == STEPS * 128 and summary["optimizer_steps"] == STEPS
     assert 0.0 < summary["eval/accuracy_before"] < 1.0
-    for name in ("config.yaml", "summary.json", "reward.png", "time.png", "plan.json"):
+    for name in ("config.yaml", "summary.json", "reward.png", "time.png", "memory_plan.json"):
         assert (out / name).exists(), name
     assert (out / f"checkpoint-{STEPS}" / "COMPLETE").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
