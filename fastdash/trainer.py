@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdash.algo import gradient_filter, group_advantages, loss_normaliser
-from fastdash.batch import MicroBatch, Sample
+from fastdash.batch import Sample
 from fastdash.packing import collate_packed, collate_padded, forward_hidden, plan_microbatches, \
     plan_padded_microbatches
 from fastdash.rewards import score_completions

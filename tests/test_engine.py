@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fastdash.models import char_tokenizer, random_model
 from fastdash.rollout.base import Engine, SamplingParams
