@@ -117,17 +117,12 @@ class Trainer:
         for s in samples:
             if not s.completion_ids:  # an engine may return nothing; keep shapes, never train on it
                 s.truncated, s.advantage = True, 0.0
-        self._old_and_ref_logps([s for s in samples if self._kept(s)])
+        self._old_and_ref_logps(self._kept(samples))
         steps = [samples[i : i + cfg.train_batch_size] for i in range(0, len(samples), cfg.train_batch_size)]
         self.buffer = [batch for _ in range(cfg.num_iterations) for batch in steps]
         self.state.rollouts += 1
         self.state.samples += len(samples)
-        lengths = [len(s.completion_ids) for s in samples]
-        return {"reward/mean": sum(rewards) / len(rewards),
-                "reward/std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
-                "reward/failures": failed,
-                "completion/mean_length": sum(lengths) / len(lengths),
-                "completion/truncated_fraction": sum(s.truncated for s in samples) / len(samples)}
+        return {"reward/failures": failed, "rollout/samples": len(samples)}
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams):
         """One engine call; on OOM the engine's concurrency is halved and the call retried (same seed,
@@ -159,13 +154,15 @@ class Trainer:
         return SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + start,
                                  "forced_lengths": tuple(forced) if forced else None})
 
-    def _kept(self, s: Sample) -> bool:
-        if self.cfg.mask_truncated_completions and s.truncated:
-            return False
-        if not s.completion_ids:
-            return False
-        return not self.cfg.gradient_filtering or bool(
-            gradient_filter(torch.tensor([s.advantage]), self.cfg.gradient_filtering_threshold))
+    def _kept(self, samples: list[Sample]) -> list[Sample]:
+        """The samples that reach the loss: DASH's gradient filter (|A| > tau), minus empty and, with
+        mask_truncated_completions, truncated completions."""
+        keep = [True] * len(samples)
+        if self.cfg.gradient_filtering:
+            advantages = torch.tensor([s.advantage for s in samples])
+            keep = gradient_filter(advantages, self.cfg.gradient_filtering_threshold).tolist()
+        return [s for s, k in zip(samples, keep)
+                if k and s.completion_ids and not (self.cfg.mask_truncated_completions and s.truncated)]
 
     @torch.no_grad()
     def _old_and_ref_logps(self, kept: list[Sample]) -> None:
@@ -204,7 +201,7 @@ class Trainer:
 
     def optimize(self, samples: list[Sample]) -> dict:
         cfg = self.cfg
-        kept = [s for s in samples if self._kept(s)]  # the gradient filter, before any forward pass
+        kept = self._kept(samples)  # the gradient filter, before any forward pass
         metrics = {"filter/kept_fraction": len(kept) / len(samples), "filter/kept_samples": len(kept),
                    "adv/abs_mean_kept": (sum(abs(s.advantage) for s in kept) / len(kept)) if kept else 0.0}
         if not kept:
@@ -236,7 +233,8 @@ class Trainer:
     def _backward_all(self, kept: list[Sample], normaliser: float, budget: int | None) -> dict:
         """Forward + backward of every micro-batch; gradients accumulate into .grad."""
         self.run.optimizer.zero_grad(set_to_none=True)  # a retried attempt starts clean
-        cfg, loss_sum, n_mb, clip_sum, kl_sum, tokens, pad = self.cfg, 0.0, 0, 0.0, 0.0, 0, 0
+        cfg, n_mb, tokens, pad = self.cfg, 0, 0, 0
+        loss_sum = clip_sum = kl_sum = torch.zeros((), device=self.run.device)  # summed on device: no sync per micro-batch
         pairs = []  # (trainer log-probs, engine log-probs) per sample, for the train/inference mismatch
         for mb, members in self._microbatches(kept, budget):
             hidden = forward_hidden(self.model, mb)
@@ -248,18 +246,18 @@ class Trainer:
                 backend=cfg.kernel)
             out.loss.backward()
             n_tok = mb.targets.numel()
-            loss_sum += float(out.loss.detach())
-            clip_sum += float(out.metrics.get("clip_fraction", 0.0)) * n_tok
-            kl_sum += float(out.metrics.get("kl_mean", 0.0)) * n_tok
+            loss_sum = loss_sum + out.loss.detach()
+            clip_sum = clip_sum + out.metrics.get("clip_fraction", 0.0) * n_tok
+            kl_sum = kl_sum + out.metrics.get("kl_mean", 0.0) * n_tok
             tokens, n_mb = tokens + n_tok, n_mb + 1
             pad += mb.meta.get("padding_tokens", 0)
             if members[0].sampler_logps is not None:
                 cu = mb.completion_cu_seqlens.tolist()
                 pairs += [(out.logps[cu[j] : cu[j + 1]], s.sampler_logps) for j, s in enumerate(members)]
-        stats = {"loss": loss_sum, "microbatches": n_mb, "clip_fraction": clip_sum / max(tokens, 1),
+        stats = {"loss": float(loss_sum), "microbatches": n_mb, "clip_fraction": float(clip_sum) / max(tokens, 1),
                  "tokens/loss": tokens, "tokens/padding": pad}
         if cfg.beta > 0:
-            stats["kl"] = kl_sum / max(tokens, 1)
+            stats["kl"] = float(kl_sum) / max(tokens, 1)
         if pairs:
             from fastdash.rollout.vllm import inference_mismatch
 
@@ -291,9 +289,15 @@ class Trainer:
         """One optimizer step; a rollout first when the buffer is empty. Returns the step's metrics."""
         rollout_metrics = self.rollout() if not self.buffer else {}
         batch = self.buffer.pop(0)
-        metrics = {**rollout_metrics, **self.optimize(batch)}
+        metrics = {**rollout_metrics, **batch_stats(batch), **self.optimize(batch)}
         self.state.step += 1
-        if not rollout_metrics:  # steps that reuse a rollout (Mini / Multi) report its samples' rewards
-            rewards = [s.reward for s in batch]
-            metrics["reward/mean"] = sum(rewards) / len(rewards)
         return {"step": self.state.step, **metrics, **self.timer.pop_step()}
+
+
+def batch_stats(batch: list[Sample]) -> dict:
+    """Reward and length statistics of the samples one optimizer step trains on."""
+    rewards = torch.tensor([s.reward for s in batch])
+    lengths = [len(s.completion_ids) for s in batch]
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(batch) > 1 else 0.0,
+            "completion/mean_length": sum(lengths) / len(batch),
+            "completion/truncated_fraction": sum(s.truncated for s in batch) / len(batch)}

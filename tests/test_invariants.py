@@ -58,7 +58,7 @@ def test_filter_keeps_exactly_abs_advantage_above_tau(scripted_run):
     trainer = Trainer(cfg, run)
     trainer.rollout()
     batch = trainer.buffer[0]
-    kept = {s.uid for s in batch if trainer._kept(s)}
+    kept = {s.uid for s in trainer._kept(batch)}
     expected = {s.uid for s in batch if abs(s.advantage) > 0.6}
     assert kept == expected and 0 < len(kept) < len(batch)
 
@@ -97,7 +97,7 @@ def test_multi_and_mini_use_old_logps_of_the_sampling_policy(scripted_run, overr
     trainer.step()
     assert len(trainer.buffer) == 1
     second = trainer.buffer[0]
-    kept = [s for s in second if trainer._kept(s)]
+    kept = trainer._kept(second)
     assert kept and all(s.old_logps is not None and s.old_logps.numel() == len(s.completion_ids) for s in kept)
     metrics = trainer.step()  # the policy moved: ratios differ from 1 and are measured against old_logps
     assert metrics["skipped"] == 0 and trainer.state.step == 2
