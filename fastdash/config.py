@@ -93,7 +93,7 @@ class Config:
     save_total_limit: int | None = 2
     resume: str | None = None  # auto | a checkpoint path
     logging_steps: int = 1
-    eval_steps: int = 0  # 0 = only before and after training
+    eval_steps: int = 50  # held-out eval every N steps (0 = only before and after training)
     eval_batch_size: int = 500
     eval_sampled: bool = True  # also report sampled (temperature) held-out accuracy
     num_threads: int = 0  # CPU threads; 0 = torch's default
