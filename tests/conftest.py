@@ -78,3 +78,14 @@ def sgd(run, lr: float = 1.0):
     """Swap in plain SGD so a weight delta equals lr x gradient (Adam's first step is ~sign(g))."""
     run.optimizer = torch.optim.SGD(run.model.parameters(), lr=lr)
     run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda _: 1.0)
+
+
+def assert_well_formed(out, prompts, n: int, eos_id: int, max_tokens: int) -> None:
+    """What every engine must return: n completions per prompt in prompt order, each either ending at
+    its only EOS or truncated at exactly max_tokens without one."""
+    assert [c.prompt_ids for c in out] == [p for p in prompts for _ in range(n)]
+    for c in out:
+        if c.truncated:
+            assert len(c.completion_ids) == max_tokens and eos_id not in c.completion_ids
+        else:
+            assert c.completion_ids[-1] == eos_id and eos_id not in c.completion_ids[:-1]

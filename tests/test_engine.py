@@ -6,6 +6,7 @@ import pytest
 from fastdash.models import char_tokenizer, random_model
 from fastdash.rollout.base import Engine, SamplingParams
 from fastdash.rollout.hf import HFEngine
+from tests.conftest import assert_well_formed
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +26,8 @@ def test_is_an_engine(engine):
 def test_n_per_prompt_in_order_with_eos_or_truncation(engine):
     prompts = [_ids(engine, t) for t in ("1+2=", "345+678=", "9=")]
     out = engine.generate(prompts, 3, SamplingParams(max_tokens=5, temperature=1.0, seed=0))
-    assert [c.prompt_ids for c in out] == [p for p in prompts for _ in range(3)]
-    for c in out:
-        if c.truncated:
-            assert len(c.completion_ids) == 5 and engine.eos_id not in c.completion_ids
-        else:
-            assert c.completion_ids[-1] == engine.eos_id and engine.eos_id not in c.completion_ids[:-1]
-            assert engine.pad_id not in c.completion_ids
+    assert_well_formed(out, prompts, 3, engine.eos_id, 5)
+    assert all(engine.pad_id not in c.completion_ids for c in out if not c.truncated)
 
 
 def test_greedy_is_independent_of_batch_composition(engine):

@@ -14,6 +14,7 @@ import torch
 from fastdash.config import Config
 from fastdash.rollout.base import Engine, SamplingParams
 from fastdash.rollout.vllm import inference_mismatch, vllm_available
+from tests.conftest import assert_well_formed
 
 REASON = vllm_available()
 needs_vllm = pytest.mark.skipif(REASON is not None, reason=f"vLLM not usable: {REASON}")
@@ -151,12 +152,7 @@ def test_generate_has_the_hf_engine_shape_and_meaning(setup):
     prompts = [_ids(tok, t) for t in ("1+2=", "345+678=", "9=")]
     params = SamplingParams(max_tokens=5, temperature=T, seed=0)
     for out in (engine.generate(prompts, 3, params), hf.generate(prompts, 3, params)):
-        assert [c.prompt_ids for c in out] == [p for p in prompts for _ in range(3)]
-        for c in out:
-            if c.truncated:
-                assert len(c.completion_ids) == 5 and engine.eos_id not in c.completion_ids
-            else:
-                assert c.completion_ids[-1] == engine.eos_id and engine.eos_id not in c.completion_ids[:-1]
+        assert_well_formed(out, prompts, 3, engine.eos_id, 5)
     out = engine.generate(prompts, 3, params)
     assert any(c.truncated for c in out) and any(not c.truncated for c in out)  # both cases exercised
     for c in out:  # sampler log-probs: one per token, the trainer's log_softmax(logits / T)
