@@ -98,12 +98,14 @@ class Trainer:
         problems = [self.run.train_problems[i] for i in self.sampler.take(n_prompts)]
         prompt_ids = [self.run.prompt_ids(p) for p in problems]
         params = self._sampling_params()
+        forced = (self.run.forced_lengths(self.state.rollouts, cfg.rollout_size)  # benchmarks only
+                  if cfg.length_control_mean else None)
         completions = []
         per_call = cfg.generation_batch_size // G  # baseline GRPO: many small calls, DASH: one
         with self.timer("generate"):
             self.engine.wake()
             for i in range(0, n_prompts, per_call):
-                completions += self._generate(prompt_ids[i : i + per_call], self._call_params(params, i * G, per_call * G))
+                completions += self._generate(prompt_ids[i : i + per_call], self._call_params(params, forced, i * G, per_call * G))
             self.engine.sleep()
         with self.timer("reward"):
             texts = [self.run.decode(c.completion_ids) for c in completions]
@@ -114,9 +116,6 @@ class Trainer:
         samples = [Sample(uid=i, group=i // G, prompt_ids=c.prompt_ids, completion_ids=c.completion_ids,
                           truncated=c.truncated, reward=r, advantage=float(a), sampler_logps=c.sampler_logps)
                    for i, (c, r, a) in enumerate(zip(completions, rewards, advantages.tolist()))]
-        for s in samples:
-            if not s.completion_ids:  # an engine may return nothing; keep shapes, never train on it
-                s.truncated, s.advantage = True, 0.0
         self._old_and_ref_logps(self._kept(samples))
         steps = [samples[i : i + cfg.train_batch_size] for i in range(0, len(samples), cfg.train_batch_size)]
         self.buffer = [batch for _ in range(cfg.num_iterations) for batch in steps]
@@ -146,13 +145,11 @@ class Trainer:
         return SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                               top_k=c.top_k, seed=c.seed * 7919 + self.state.rollouts)
 
-    def _call_params(self, params: SamplingParams, start: int, count: int) -> SamplingParams:
-        """Per-call parameters: the seed moves per call, forced lengths are sliced per call."""
-        forced = None
-        if self.cfg.length_control_mean:
-            forced = self.run.forced_lengths(self.state.rollouts, self.cfg.rollout_size)[start : start + count]
+    @staticmethod
+    def _call_params(params: SamplingParams, forced: list[int] | None, start: int, count: int) -> SamplingParams:
+        """Per-call parameters: the seed moves per call, the rollout's forced lengths are sliced per call."""
         return SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + start,
-                                 "forced_lengths": tuple(forced) if forced else None})
+                                 "forced_lengths": tuple(forced[start : start + count]) if forced else None})
 
     def _kept(self, samples: list[Sample]) -> list[Sample]:
         """The samples that reach the loss: DASH's gradient filter (|A| > tau), minus empty and, with
