@@ -36,17 +36,18 @@ def _setup(n, h, v, dtype, device, seq_len=512, seed=0):
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     adv = torch.randn(len(bounds) - 1, generator=g).to(device)
     old = torch.full((n,), -3.0, device=device)
-    return x, w, y, cu, adv, old
+    tok_w = torch.full((n,), 1.0 / n, device=device)  # dapo: a token sum over the normaliser n
+    return x, w, y, cu, adv, old, tok_w
 
 
 def _run_case(benchmark, backend, n, h, v, dtype, device, rounds):
     if backend == "liger":
         pytest.importorskip("liger_kernel")
-    x, w, y, cu, adv, old = _setup(n, h, v, dtype, device)
+    x, w, y, cu, adv, old, tok_w = _setup(n, h, v, dtype, device)
 
     def step():
         x.grad = w.grad = None
-        out = fused_policy_loss(x, w, y, cu, adv, old_logps=old, loss_type="dapo", normaliser=float(n),
+        out = fused_policy_loss(x, w, y, cu, adv, old_logps=old, token_weights=tok_w,
                                 backend=backend)
         out.loss.backward()
         if CUDA:

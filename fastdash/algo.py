@@ -10,6 +10,7 @@ import torch
 
 from fastdash_kernels.loss import per_token_policy_loss as policy_loss  # noqa: F401  (re-export)
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_EPS = 1e-4  # the paper's code: (r - mean) / (std + 1e-4)
 
 
@@ -67,6 +68,24 @@ def loss_normaliser(loss_type: str, kept_lengths: list[int], all_lengths: list[i
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     return float(global_sum(value))
+
+
+def loss_token_weights(loss_type: str, completion_cu_seqlens: torch.Tensor, normaliser) -> torch.Tensor:
+    """Per-token weights w [N] fp32 with loss = sum_t w_t l_t: what the fused kernel is handed.
+
+      grpo:                  w_t = 1 / (len(seq(t)) * normaliser)  (a token mean per sequence)
+      bnpo, dr_grpo, dapo:   w_t = 1 / normaliser                  (a token sum)
+    `normaliser` is the step's `loss_normaliser` (a float, or a tensor on the tokens' device).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    cu = completion_cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    n = int(cu[-1]) if cu.numel() else 0
+    w = torch.ones(n, dtype=torch.float32, device=cu.device)
+    if loss_type == "grpo":
+        w = torch.repeat_interleave(1.0 / lengths.clamp(min=1).float(), lengths, output_size=n)
+    return w / normaliser
 
 
 def global_sum(value: float) -> float:

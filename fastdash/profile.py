@@ -62,6 +62,7 @@ def profile_kernels(args) -> int:
         cu = torch.cat([cu, torch.tensor([n], device="cuda", dtype=torch.int32)])
     adv = torch.randn(cu.numel() - 1, device="cuda")
     old = torch.full((n,), -3.0, device="cuda")
+    tok_w = torch.full((n,), 1.0 / n, device="cuda")  # dapo: a token sum over the normaliser n
     # Minimal DRAM traffic of one fwd + bwd: read X and W, write dX and dW (bf16 in, fp32 grads accumulated).
     min_bytes = 2 * (n * h + v * h) + 4 * (n * h + v * h)
     print(f"{name}: N={n} H={h} V={v} bf16; 6NHV = {6 * n * h * v / 1e12:.2f} TFLOP"
@@ -70,7 +71,7 @@ def profile_kernels(args) -> int:
     for backend in args.backends:
         def step():
             x.grad = w.grad = None
-            out = fused_policy_loss(x, w, y, cu, adv, old_logps=old, loss_type="dapo", normaliser=float(n),
+            out = fused_policy_loss(x, w, y, cu, adv, old_logps=old, token_weights=tok_w,
                                     backend=backend)
             out.loss.backward()
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastdash.algo import gradient_filter, group_advantages, loss_normaliser
+from fastdash.algo import gradient_filter, group_advantages, loss_normaliser, loss_token_weights
 from fastdash.batch import Sample
 from fastdash.packing import collate_packed, collate_padded, forward_hidden, plan_microbatches, \
     plan_padded_microbatches
@@ -237,9 +237,10 @@ class Trainer:
             hidden = forward_hidden(self.model, mb)
             out = fused_policy_loss(
                 hidden, self.lm_head.weight, mb.targets, mb.completion_cu_seqlens, mb.advantages,
-                old_logps=mb.old_logps, ref_logps=mb.ref_logps, loss_type=cfg.loss_type,
+                token_weights=loss_token_weights(cfg.loss_type, mb.completion_cu_seqlens, normaliser),
+                old_logps=mb.old_logps, ref_logps=mb.ref_logps,
                 epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                kl_estimator=cfg.kl_estimator, temperature=cfg.temperature, normaliser=normaliser,
+                kl_estimator=cfg.kl_estimator, temperature=cfg.temperature,
                 backend=cfg.kernel)
             out.loss.backward()
             n_tok = mb.targets.numel()

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 
 import torch
 
-from .loss import check_loss_args, per_token_policy_loss
+from .loss import PolicyLossOutput, check_loss_args, per_token_policy_loss
 from .reference import logprob_reference
-from .segment import _has_triton, broadcast_to_tokens, segment_ids, segment_mean, seq_lengths
+from .segment import _has_triton, broadcast_to_tokens
 
+# The one list of kernel backends (fastdash.config imports it for `kernel=`).
 BACKENDS = ("auto", "triton", "torch", "liger", "reference")
-
-
-@dataclass
-class PolicyLossOutput:
-    """loss: 0-d fp32 with grad; logps/entropy: [N] fp32 detached; metrics: 0-d tensors (no host sync)."""
-
-    loss: torch.Tensor
-    logps: torch.Tensor
-    entropy: torch.Tensor | None = None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
@@ -91,24 +81,24 @@ def _slice(t, lo, hi):
 
 
 def fused_policy_loss(
-    hidden, weight, targets, cu_seqlens, advantages, *, old_logps=None, ref_logps=None, loss_type="dr_grpo",
-    epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0, normaliser=None,
-    return_entropy=False, backend="auto", grad_in_forward=None,
+    hidden, weight, targets, cu_seqlens, advantages, *, token_weights, old_logps=None, ref_logps=None,
+    epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0, return_entropy=False,
+    backend="auto", grad_in_forward=None,
 ) -> PolicyLossOutput:
-    """GRPO-family loss on packed completion tokens, straight from hidden states.
+    """PPO-clip policy loss (+ beta KL) on packed completion tokens, straight from hidden states.
 
     hidden [N, H] (completion positions of B sequences end to end), weight [V, H], targets [N],
-    cu_seqlens [B + 1], advantages [B], old_logps / ref_logps [N] or None. Per token (see
-    loss.per_token_policy_loss) l_t = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) + beta KL_t, and
-    loss = sum_t w_t l_t / normaliser with w_t = 1 / len(seq(t)) for 'grpo', else 1. The normaliser
-    is the trainer's (fixed per optimizer step) and is never recomputed here.
+    cu_seqlens [B + 1], advantages [B], token_weights [N] float, old_logps / ref_logps [N] or None.
+    Per token (see loss.per_token_policy_loss) l_t = -min(r A, clip(r, 1 - eps, 1 + eps_high) A)
+    + beta KL_t, and loss = sum_t token_weights_t l_t. The weights carry the whole loss type
+    (sequence means, the step's normaliser): `fastdash.algo.loss_token_weights` builds them.
 
     grad_in_forward (default: on when grad is enabled and hidden or weight needs it, torch/triton
-    backends): every supported loss is token-level, so dL/dlogp_t is known as soon as logp_t is;
-    dX and dW are then computed in the forward and backward only scales them.
+    backends): the loss is token-level, so dL/dlogp_t is known as soon as logp_t is; dX and dW are
+    then computed in the forward and backward only scales them.
     """
     _check_inputs(hidden, weight, targets, temperature)
-    check_loss_args(loss_type, normaliser, beta, ref_logps, kl_estimator, epsilon)
+    check_loss_args(token_weights, targets.shape[0], beta, ref_logps, kl_estimator, epsilon)
     n_seq = cu_seqlens.numel() - 1
     if advantages.shape != (n_seq,):
         raise ValueError(f"advantages must be [B] = [{n_seq}] (one per sequence), got {tuple(advantages.shape)}")
@@ -117,30 +107,26 @@ def fused_policy_loss(
             raise ValueError(f"{name} must be [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
     b = resolve_backend(backend, hidden)
     kw = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator)
+    n = hidden.shape[0]
+    adv_tok = broadcast_to_tokens(advantages.float(), cu_seqlens, n)  # [N], no padding
+    tok_w = token_weights.float()
     if b == "liger":
         from .liger import liger_policy_loss
 
-        return liger_policy_loss(hidden, weight, targets, cu_seqlens, advantages, old_logps=old_logps,
-                                 ref_logps=ref_logps, loss_type=loss_type, temperature=temperature,
-                                 normaliser=normaliser, return_entropy=return_entropy, **kw)
+        loss, logps, ent = liger_policy_loss(hidden, weight, targets, cu_seqlens, advantages, tok_w,
+                                             old_logps=old_logps, ref_logps=ref_logps, temperature=temperature,
+                                             return_entropy=return_entropy, **kw)
+        return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent, **kw))
 
-    n = hidden.shape[0]
-    adv_tok = broadcast_to_tokens(advantages.float(), cu_seqlens, n)  # [N], no padding
     if grad_in_forward is None:
         grad_in_forward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if grad_in_forward and b != "reference":
-        tok_w = None
-        if loss_type == "grpo":  # sequence mean == weight 1/len on each token
-            tok_w = (1.0 / seq_lengths(cu_seqlens).clamp(min=1).float())[segment_ids(cu_seqlens, n)]
-
         def grad_fn(lo, hi, lp):
             with torch.enable_grad():
                 lp = lp.detach().requires_grad_(True)
                 per_tok, _ = per_token_policy_loss(lp, adv_tok[lo:hi], _slice(old_logps, lo, hi),
                                                    _slice(ref_logps, lo, hi), **kw)
-                if tok_w is not None:
-                    per_tok = per_tok * tok_w[lo:hi]
-                loss_c = per_tok.sum() / normaliser
+                loss_c = (per_tok * tok_w[lo:hi]).sum()
                 (g,) = torch.autograd.grad(loss_c, lp)
             return loss_c.detach(), g
 
@@ -154,9 +140,7 @@ def fused_policy_loss(
         else:
             logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy)
         per_tok, _ = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, **kw)
-        seg_backend = "triton" if b == "triton" else "torch"
-        total = segment_mean(per_tok, cu_seqlens, seg_backend).sum() if loss_type == "grpo" else per_tok.sum()
-        loss = total / normaliser
+        loss = (per_tok * tok_w).sum()
         logps = logps.detach()
     return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent, **kw))
 

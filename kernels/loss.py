@@ -1,16 +1,28 @@
 """Per-token GRPO-family policy loss on [N] vectors: ratio, PPO clip, KL estimators.
 
-This is the one place the per-token maths lives. Every backend (reference, torch, triton, and the
-trainer through ``fastdash.algo``) calls `per_token_policy_loss`; the backends differ only in how
-they get ``logps`` out of the [N, V] lm_head product.
+This is the one place the per-token maths lives. Every backend (reference, torch, triton, liger)
+calls `per_token_policy_loss`; the backends differ only in how they get ``logps`` out of the [N, V]
+lm_head product. Loss types (grpo, dr_grpo, ...) are not known here: `fastdash.algo` turns one into
+per-token weights, and the kernels compute loss = sum_t token_weights_t * l_t.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class PolicyLossOutput:
+    """loss: 0-d fp32 with grad; logps/entropy: [N] fp32 detached; metrics: 0-d tensors (no host sync)."""
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -55,8 +67,9 @@ def per_token_policy_loss(
         and ``kl`` [N] when beta > 0.
     """
     eps_hi = epsilon if epsilon_high is None else epsilon_high
-    old = logps.detach() if old_logps is None else old_logps.float()
-    adv = advantages.float()
+    dt = torch.float64 if logps.dtype == torch.float64 else torch.float32  # fp64 for the test oracle
+    old = logps.detach() if old_logps is None else old_logps.to(dt)
+    adv = advantages.to(dt)
     ratio = torch.exp(logps - old)
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_hi)
     loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
@@ -66,26 +79,23 @@ def per_token_policy_loss(
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("ref_logps is required when beta != 0 (got beta=%r, ref_logps=None)" % beta)
-        kl = kl_per_token(logps, ref_logps.float(), kl_estimator)
+        kl = kl_per_token(logps, ref_logps.to(dt), kl_estimator)
         loss = loss + beta * kl
         metrics["kl"] = kl.detach()
     return loss, metrics
 
 
-def check_loss_args(loss_type: str, normaliser, beta: float, ref_logps, kl_estimator: str, epsilon: float) -> None:
+def check_loss_args(token_weights, n_tokens: int, beta: float, ref_logps, kl_estimator: str, epsilon: float) -> None:
     """ValueErrors for the public entry points (naming field, expected and actual)."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"ref_logps is required when beta != 0, got beta={beta} and ref_logps=None")
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if normaliser is None:
-        raise ValueError("normaliser is required (the trainer fixes it for the whole optimizer step)")
-    # A CUDA tensor normaliser is not checked: reading it would be a host sync on the hot path.
-    if isinstance(normaliser, torch.Tensor) and normaliser.is_cuda:
-        return
-    if not float(normaliser) > 0:
-        raise ValueError(f"normaliser must be > 0, got {float(normaliser)}")
+    if not isinstance(token_weights, torch.Tensor):
+        raise ValueError("token_weights is required: a [N] float tensor, e.g. fastdash.algo.loss_token_weights(...)"
+                         f", got {type(token_weights).__name__}")
+    if token_weights.shape != (n_tokens,) or not token_weights.is_floating_point():
+        raise ValueError(f"token_weights must be a [N] = [{n_tokens}] float tensor, got "
+                         f"{tuple(token_weights.shape)} {token_weights.dtype}")
