@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -54,6 +55,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from fastdash.rewards import harness as _harness
 from fastdash.rewards.sandbox_boot import BOOT as _BOOT
 
 logger = logging.getLogger("fastdash")
@@ -66,17 +68,20 @@ _slots = threading.Semaphore(_MAX_SLOTS)
 _slot_lock = threading.Lock()
 _free_slots = list(range(_MAX_SLOTS))
 _caps: dict | None = None
+with open(_harness.__file__, encoding="utf-8") as _f:
+    _HARNESS_SRC = _f.read()  # exec'd inside the sandbox, which may not see the package
 _caps_logged = False
 
 
 @dataclass
 class SandboxResult:
-    passed: bool  # exit status 0, within every limit
+    passed: bool  # with tests: the judge's verdict (see run_sandboxed); else exit status 0
     reason: str  # "ok", "failed", "timeout", "output_limit", "setup_failed"
     returncode: int | None
     output: str  # stdout + stderr, at most max_output_bytes
     elapsed_s: float
     isolation: dict = field(default_factory=dict)
+    verdict: dict = field(default_factory=dict)  # the judge's counts (tests runs only)
 
 
 def extract_code(completion: str) -> str:
@@ -94,6 +99,7 @@ def _interpreter_paths() -> list[str]:
 def run_sandboxed(
     program: str,
     *,
+    tests: list[str] | None = None,
     timeout_s: float = 5.0,
     memory_mb: int = 512,
     max_output_bytes: int = 1_000_000,
@@ -102,10 +108,17 @@ def run_sandboxed(
     allow_subprocess: bool = False,
     isolate: bool = True,
 ) -> SandboxResult:
-    """Run ``program`` (Python source) in the sandbox described in this module's docstring."""
+    """Run ``program`` (Python source) in the sandbox described in this module's docstring.
+
+    Without ``tests`` it passes on exit status 0. With ``tests`` the program is the code under
+    test and the harness decides (``harness.py``): it passes only when the judge's verdict
+    carries this run's nonce and says the code loaded and every test ran and passed.
+    """
     t0 = time.monotonic()
     scratch = tempfile.mkdtemp(prefix="fastdash-sbx-")
     info_r, info_w = os.pipe()
+    verdict_r = verdict_w = -1
+    job = None
     slot = None
     proc = None
     try:
@@ -127,37 +140,57 @@ def run_sandboxed(
             "outer_gid": os.getgid(), "allow_subprocess": allow_subprocess,
             "expose": _interpreter_paths(),
         }
+        fds = [info_w]
+        if tests is not None:
+            # the tests and the nonce reach only the judge: an unlinked file it reads after
+            # forking the worker (which closes it first); the verdict pipe only the judge holds
+            nonce = secrets.token_hex(16)
+            job = tempfile.TemporaryFile()
+            job.write(json.dumps({"nonce": nonce, "tests": list(tests)}).encode("utf-8"))
+            job.flush()
+            verdict_r, verdict_w = os.pipe()
+            cfg.update(harness=_HARNESS_SRC, tests_fd=job.fileno(), verdict_fd=verdict_w)
+            fds += [job.fileno(), verdict_w]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch,
                "TMPDIR": scratch, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
         proc = subprocess.Popen(
             [sys.executable, "-I", "-B", "-c", _BOOT, json.dumps(cfg)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=scratch, env=env, start_new_session=True, pass_fds=(info_w,),
+            cwd=scratch, env=env, start_new_session=True, pass_fds=tuple(fds),
         )
         os.close(info_w)
         info_w = -1
+        if job is not None:
+            job.close()
+            job = None
+            os.close(verdict_w)
+            verdict_w = -1
         out, reason = _read_capped(proc, t0 + timeout_s, max_output_bytes)
         if reason is not None:
             _kill_group(proc)
         rc = proc.wait()
         iso = _read_info(info_r)
+        verdict = _read_info(verdict_r) if verdict_r >= 0 else {}
         if reason is None:
-            if rc == 0:
-                reason = "ok"
-            elif rc == 97 and b"sandbox setup failed" in out:
+            if rc == 97 and b"sandbox setup failed" in out:
                 reason = "setup_failed"
                 logger.warning("sandbox setup failed: %s", out.decode(errors="replace")[-500:])
+            elif tests is not None:  # the judge decides, not the exit status
+                reason = "ok" if _verdict_ok(verdict, nonce, len(tests)) else "failed"
             else:
-                reason = "failed"
+                reason = "ok" if rc == 0 else "failed"
         return SandboxResult(reason == "ok", reason, rc, out.decode("utf-8", errors="replace"),
-                             time.monotonic() - t0, iso)
+                             time.monotonic() - t0, iso, verdict)
     finally:
         if proc is not None and proc.poll() is None:
             _kill_group(proc)
             proc.wait()
-        if info_w >= 0:
-            os.close(info_w)
+        for fd in (info_w, verdict_w, verdict_r):
+            if fd >= 0:
+                os.close(fd)
+        if job is not None:
+            job.close()
         os.close(info_r)
         shutil.rmtree(scratch, ignore_errors=True)
         if slot is not None:
@@ -186,6 +219,12 @@ def _read_capped(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[byt
                 chunks.append(data[: max(0, cap - (n - len(data)))])
                 return b"".join(chunks), "output_limit"
             chunks.append(data)
+
+
+def _verdict_ok(v: dict, nonce: str, n_tests: int) -> bool:
+    """The judge wrote this run's nonce after loading the code and running every test."""
+    return (v.get("nonce") == nonce and v.get("loaded") is True
+            and v.get("total") == v.get("ran") == v.get("passed") == n_tests)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -233,14 +272,16 @@ def run_code_tests(
     max_output_bytes: int = 1_000_000,
     **sandbox_kwargs,
 ) -> float:
-    """1.0 if ``code`` followed by all ``tests`` runs to exit status 0 in the sandbox, else 0.0.
+    """1.0 if ``code`` loads and every one of ``tests`` runs and passes in the sandbox, else 0.0.
 
-    Pass/fail, not a fraction of tests (the paper's MBPP+ reward is pass/fail).
+    The harness judges (``harness.py``): each test (statements, e.g. ``assert f(1) == 2``, an
+    import, an MBPP+ test program) runs in order in the judge, which sees the code's results only
+    as plain values; an exit, a hang or an exception counts as failed. Pass/fail, not a fraction
+    of tests (the paper's MBPP+ reward is pass/fail).
     """
     if isinstance(tests, str):
         tests = [tests]
-    program = code + "\n\n" + "\n".join(tests) + "\n"
-    res = run_sandboxed(program, timeout_s=timeout_s, memory_mb=memory_mb,
+    res = run_sandboxed(code, tests=list(tests), timeout_s=timeout_s, memory_mb=memory_mb,
                         max_output_bytes=max_output_bytes, **sandbox_kwargs)
     _log_caps_once(res.isolation)
     return 1.0 if res.passed else 0.0

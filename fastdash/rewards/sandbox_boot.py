@@ -1,7 +1,8 @@
 """The sandbox bootstrap: runs in the child interpreter before the untrusted code (see code.py)."""
 
 # Bootstrap run by the sandbox interpreter. argv[1] is a JSON config; fd cfg["info_fd"] gets one
-# JSON line saying which isolations took effect.
+# JSON line saying which isolations took effect. With cfg["harness"] (the source of harness.py) the
+# code is not run as a program: the judge in harness.py loads it in a worker and runs the tests.
 BOOT = r'''
 import ctypes, json, os, resource, signal, sys
 cfg = json.loads(sys.argv[1])
@@ -93,12 +94,24 @@ def drop():
         os.setgid(cfg["gid"])
         os.setuid(cfg["uid"])
         iso["uid"] = True
+    elif iso["pid"]:
+        # root of a user namespace: drop every capability (CAP_SYS_PTRACE would let the code read
+        # the judge's memory); header v3, empty effective/permitted/inheritable sets
+        hdr, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+        if libc.capset(hdr, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace, /proc/<pid>/mem or fd of a sibling
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (cleared by setuid, so after it)
 
 def hook(event, args):
     if event in BLOCKED or (event.startswith("socket.") and BLOCK_SOCKETS):
         raise PermissionError("sandbox: %s is not allowed" % event)
+
+def close_harness_fds():
+    for key in ("tests_fd", "verdict_fd"):
+        if cfg.get(key) is not None:
+            os.close(cfg[key])
 
 def wait_exit(pid):
     _, status = os.waitpid(pid, 0)
@@ -107,6 +120,7 @@ def wait_exit(pid):
 
 pid = os.fork()
 if pid:
+    close_harness_fds()  # only the judge holds the tests and the verdict pipe
     wait_exit(pid)  # bootstrap (outside the pid namespace): relay the sandbox's exit status
 # here: init of the new pid namespace (or a plain child without one)
 try:
@@ -127,12 +141,17 @@ except BaseException as e:
     os._exit(97)
 pid = os.fork()  # keep init a bare reaper, so the code gets normal signal semantics
 if pid:
+    close_harness_fds()
     wait_exit(pid)
 BLOCKED = set() if cfg["allow_subprocess"] else {
     "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.fork",
     "os.forkpty", "pty.spawn"}
 BLOCK_SOCKETS = not iso["net"]
 del libc
+if cfg.get("harness"):  # the judge and its worker: see harness.py
+    H = {"__name__": "fastdash_harness", "__builtins__": __builtins__}
+    exec(compile(cfg.pop("harness"), "harness.py", "exec"), H)
+    H["evaluate"](cfg, src, lambda: sys.addaudithook(hook))
 sys.addaudithook(hook)
 sys.argv = ["prog.py"]
 sys.path.insert(0, scratch)
