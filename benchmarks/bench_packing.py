@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fastdash.attention import select_attention_backend, use_packed_attention  # noqa: E402
 from fastdash.batch import Sample  # noqa: E402
+from fastdash.forward import forward_hidden  # noqa: E402
 from fastdash.packing import (  # noqa: E402
     collate_packed,
     collate_padded,
-    forward_hidden,
     plan_microbatches,
     plan_padded_microbatches,
 )

@@ -13,25 +13,23 @@ can swap the measurement for a fake. Two real probes:
   within 25% (+ 8 MiB) of a fresh measurement at an un-probed size.
 
 Also here: the memory model's pieces (parameter bytes, KV cache bytes per token, the activation
-fit) and the run-time OOM back-off (`run_with_oom_backoff`).
+fit) and the probe step (one worst-case forward + backward under the trainer's autocast). The
+run-time OOM back-off is `fastdash.oom`.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
-import logging
 import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, TypeVar, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 _KIB = 1024
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @runtime_checkable
@@ -230,19 +228,20 @@ def allocated_model_bytes(model: torch.nn.Module, device: torch.device) -> int:
     return sum(t.numel() * t.element_size() for t in on + grads + buffers)
 
 
+def copy_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of a copy of the model's weights and buffers cast to `dtype` (floating tensors only, as
+    `module.to(dtype)` does): a reference model or an engine's compute-dtype copy."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """2 (K and V) x layers x kv_heads x head_dim x dtype bytes, from a transformers config."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-
-
-def is_oom_error(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,15 +263,20 @@ def probe_forward_backward(
     sample_len: int,
     completion_len: int,
     chunk_size: int = 1024,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Forward + backward over a packed row of `tokens` tokens of worst-case samples.
 
-    Mirrors the trainer's step: body forward to hidden states through the packed attention backend
-    of `fastdash.attention` (varlen on CUDA, sdpa with position ids on CPU), only the completion positions go through the lm_head, in chunks of
-    `chunk_size` rows whose [chunk, V] logits are freed before the next (as the fused kernel never
-    holds [N, V]), then backward through the body. Gradients accumulate into `.grad`.
+    Mirrors the trainer's step: body forward to hidden states under the trainer's autocast
+    (`compute_dtype`; None or fp32: none) through the packed attention backend of
+    `fastdash.attention` (varlen on CUDA, sdpa with position ids on CPU); only the completion
+    positions go through the lm_head, hidden states and head weight cast to the compute dtype as the
+    trainer hands them to the fused kernel, in chunks of `chunk_size` rows whose [chunk, V] logits are
+    freed before the next (the fused kernel never holds [N, V]); then backward through the body.
+    Gradients accumulate into `.grad`.
     """
     from fastdash.attention import packed_attention_kwargs, use_packed_attention
+    from fastdash.forward import compute_autocast
 
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -287,12 +291,15 @@ def probe_forward_backward(
     loss_pos = loss_pos[loss_pos + 1 < tokens]
     targets = input_ids.view(-1)[loss_pos + 1]
 
-    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-                              use_cache=False, **attn_kwargs).last_hidden_state.view(tokens, -1)
+    with compute_autocast(device, compute_dtype):
+        hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                                  use_cache=False, **attn_kwargs).last_hidden_state.view(tokens, -1)
     h = hidden.detach().requires_grad_(True)
     head = model.get_output_embeddings()
+    dtype = compute_dtype or head.weight.dtype
+    weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
     for idx, tgt in zip(loss_pos.split(chunk_size), targets.split(chunk_size)):
-        logits = head(h[idx]).float()  # [chunk, V]
+        logits = F.linear(h[idx].to(dtype), weight, bias).float()  # [chunk, V]
         F.cross_entropy(logits, tgt, reduction="sum").div(max(1, targets.numel())).backward()
         del logits
     hidden.backward(h.grad)
@@ -300,7 +307,7 @@ def probe_forward_backward(
 
 def ensure_grads(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Allocate missing `.grad`s (zeros) so a probe's peak does not count them; returns the
-    parameters that had none, for `drop_grads` to restore."""
+    parameters that had none, whose `.grad` the caller sets back to None afterwards."""
     missing = [p for p in model.parameters() if p.requires_grad and p.grad is None]
     for p in missing:
         p.grad = torch.zeros_like(p)
@@ -331,54 +338,3 @@ def measure_activations(model: torch.nn.Module, probe: MemoryProbe, step: Callab
         return probe.measure(timed_step)
 
     return f
-
-
-# ---------------------------------------------------------------------------------------------
-# Run-time back-off
-
-
-def run_with_oom_backoff(
-    run: Callable[[int], T],
-    budget: int,
-    *,
-    max_retries: int = 3,
-    min_budget: int = 1,
-    is_oom: Callable[[BaseException], bool] = is_oom_error,
-    what: str = "backprop token budget",
-    plan=None,
-    on_backoff: Callable[[int, int], None] | None = None,
-) -> T:
-    """`run(budget)`; on an OOM halve the budget (not below `min_budget`), free caches and retry.
-
-    `run` must start from a clean state on every call (the trainer re-packs the kept samples and
-    zeroes partial gradients), so a retried step gives the same result. `on_backoff(old, new)`
-    lets the caller keep the smaller budget for later steps. After `max_retries` OOMs, or an OOM
-    at `min_budget`, raises RuntimeError naming the budgets tried and the plan.
-    """
-    tried = []
-    while True:
-        tried.append(budget)
-        try:
-            return run(budget)
-        except BaseException as e:  # noqa: B902 - filtered by is_oom, everything else re-raised
-            if not is_oom(e):
-                raise
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        # Outside the except block: the traceback (and the tensors its frames hold) is released.
-        _free_caches()
-        new = max(min_budget, budget // 2)
-        if len(tried) > max_retries or new == budget:
-            table = f"\n{plan.to_table()}" if plan is not None else ""
-            raise RuntimeError(f"out of memory at {what} {budget} after trying {tried} "
-                               f"({len(tried) - 1} back-offs, max_retries={max_retries}); "
-                               f"last error: {msg}{table}")
-        log.warning("OOM at %s %d (%s): halving to %d and retrying", what, budget, msg, new)
-        if on_backoff is not None:
-            on_backoff(budget, new)
-        budget = new
-
-
-def _free_caches() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -1,4 +1,5 @@
-"""The scheduler's decision as data: every number it measured and chose, as a table and as JSON."""
+"""The scheduler's inputs and decision as data: the workload, the fixed part of memory, and the
+plan (every number it measured and chose, as a table and as JSON)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,20 +8,123 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from fastdash.memory import ActivationFit
+import torch
+
+from fastdash.memory import ActivationFit, copy_bytes, model_bytes
 
 log = logging.getLogger("fastdash.scheduler")
 GiB = 1024**3
+
+# Optimizer state bytes per trainable parameter, fp32 whatever the compute dtype
+# (AdamW: exp_avg + exp_avg_sq).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "sgd_momentum": 4}
+ENGINES = ("hf", "vllm")
 
 
 class MemoryPlanError(RuntimeError):
     """Even the smallest useful configuration does not fit in the measured memory."""
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What one training step asks of memory: sample shapes, batch sizes, and what is held."""
+
+    max_prompt_length: int
+    max_completion_length: int
+    samples_per_step: int  # train_batch_size: caps the token budget, gives micro-batches per step
+    samples_per_generation: int | None = None  # caps the generation concurrency (default: per step)
+    beta: float = 0.0  # > 0: a reference model is held
+    optimizer: str = "adamw"
+    engine: str = "hf"
+    vllm_sleep: bool = True  # vLLM frees its weights and KV cache during backprop
+    compute_dtype: torch.dtype | None = None  # forward/backward (autocast); None: the parameters' dtype
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.optimizer not in OPTIMIZER_STATE_BYTES:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {self.optimizer!r}")
+
+    @property
+    def sample_len(self) -> int:
+        """L: the worst-case sample every probe and budget is sized for."""
+        return self.max_prompt_length + self.max_completion_length
+
+    @property
+    def generation_samples(self) -> int:
+        return self.samples_per_generation or self.samples_per_step
+
+
+def _check_pin(name: str, value, fraction: bool = False):
+    """None for 'auto', else the value: a positive int, or with `fraction` a float in (0, 1]."""
+    if value == "auto":
+        return None
+    number = isinstance(value, (int, float) if fraction else int) and not isinstance(value, bool)
+    if not (number and (0 < value <= 1 if fraction else value > 0)):
+        raise ValueError(f"{name} must be 'auto' or {'a float in (0, 1]' if fraction else 'a positive int'}, "
+                         f"got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Pins:
+    """The budgets a user pinned (None: 'auto', the plan chooses); kept and checked, not changed."""
+
+    tokens: int | None = None  # max_tokens_per_microbatch
+    generation: int | None = None  # generation_concurrency (vLLM: max_num_seqs)
+    utilization: float | None = None  # gpu_memory_utilization (vLLM)
+
+    @classmethod
+    def check(cls, max_tokens_per_microbatch="auto", generation_concurrency="auto", gpu_memory_utilization="auto"):
+        return cls(_check_pin("max_tokens_per_microbatch", max_tokens_per_microbatch),
+                   _check_pin("generation_concurrency", generation_concurrency),
+                   _check_pin("gpu_memory_utilization", gpu_memory_utilization, fraction=True))
+
+    def names(self, engine: str) -> list[str]:
+        gen = "max_num_seqs" if engine == "vllm" else "generation_concurrency"
+        named = (("max_tokens_per_microbatch", self.tokens), (gen, self.generation),
+                 ("gpu_memory_utilization", self.utilization))
+        return [k for k, v in named if v is not None]
+
+
+@dataclass(frozen=True)
+class FixedPart:
+    """Bytes resident through the whole step, whatever the batch."""
+
+    weights: int  # the trained parameters (fp32 master weights) and buffers
+    grads: int  # one per trainable parameter, in its dtype
+    optimizer: int  # fp32 state
+    reference: int  # reference model in the compute dtype (beta > 0)
+    generation_weights: int  # the HF engine's compute-dtype copy (when it differs from the weights')
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.reference + self.generation_weights
+
+    def describe(self) -> str:
+        parts = [("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
+                 ("reference", self.reference), ("engine weights", self.generation_weights)]
+        return " + ".join(f"{k} {v / GiB:.3f}" for k, v in parts) + f" = {self.total / GiB:.3f} GiB"
+
+
+def fixed_part(model: torch.nn.Module, w: Workload) -> FixedPart:
+    """weights + grads (parameter dtype) + optimizer state (fp32) + reference model (beta > 0, compute
+    dtype) + the HF engine's generation copy (compute dtype, when it is not the parameters' dtype).
+    vLLM's own weight copy is inside its memory share, not here."""
+    weights, grads, n_trainable = model_bytes(model)
+    compute = w.compute_dtype or next(model.parameters()).dtype
+    copy = copy_bytes(model, compute)
+    separate_copy = w.engine == "hf" and compute != next(model.parameters()).dtype
+    return FixedPart(weights=weights, grads=grads, optimizer=n_trainable * OPTIMIZER_STATE_BYTES[w.optimizer],
+                     reference=copy if w.beta > 0 else 0, generation_weights=copy if separate_copy else 0)
+
+
 @dataclass
 class MemoryPlan:
     device: str
     engine: str
+    master_dtype: str  # the trained parameters, grads (fp32 under mixed precision)
+    compute_dtype: str  # forward / backward, reference model, KV cache, engine weights
     # measured
     total_bytes: int
     free_bytes: int
@@ -32,6 +136,7 @@ class MemoryPlan:
     grads_bytes: int
     optimizer_bytes: int
     reference_bytes: int
+    generation_weights_bytes: int  # HF engine's compute-dtype weight copy (0 when it shares the weights)
     fixed_bytes: int
     # activations: peak(T) = base + per_token * T + per_token_sq * T^2 above the fixed part
     activation_base_bytes: float
@@ -80,10 +185,13 @@ class MemoryPlan:
             ("free (measured)", gib(self.free_bytes)),
             ("already resident", gib(self.resident_bytes)),
             (f"usable (x{self.safety:g})", gib(self.usable_bytes)),
-            ("weights", gib(self.weights_bytes)),
-            ("grads", gib(self.grads_bytes)),
-            ("optimizer state", gib(self.optimizer_bytes)),
-            ("reference model", gib(self.reference_bytes)),
+            ("compute dtype", self.compute_dtype),
+            (f"weights ({self.master_dtype})", gib(self.weights_bytes)),
+            (f"grads ({self.master_dtype})", gib(self.grads_bytes)),
+            ("optimizer state (fp32)", gib(self.optimizer_bytes)),
+            (f"reference model ({self.compute_dtype})", gib(self.reference_bytes)),
+            (f"engine weights ({self.compute_dtype})",
+             gib(self.generation_weights_bytes) if self.engine == "hf" else "in vLLM's share"),
             ("fixed total", gib(self.fixed_bytes)),
             ("activation / token", f"{self.activation_bytes_per_token / 1024:8.1f} KiB"),
             ("activation / token^2", f"{self.activation_bytes_per_token_sq:8.2f} B"),

@@ -1,4 +1,4 @@
-"""Token-budget micro-batches: plan which samples go together, lay them out, run the base model.
+"""Token-budget micro-batches: plan which samples go together and lay them out.
 
 Two layouts of the same samples, both as `fastdash.batch.MicroBatch`:
 
@@ -9,8 +9,8 @@ Two layouts of the same samples, both as `fastdash.batch.MicroBatch`:
   with an attention mask `[B, T]`.
 
 Either way the loss only sees the N completion tokens: `logit_index[j]` is the flat position whose
-hidden state predicts `targets[j]`, and `forward_hidden` returns exactly those N hidden states, so
-the fused loss kernel never touches a padded `[B, T, V]` tensor.
+hidden state predicts `targets[j]`, and `fastdash.forward.forward_hidden` returns exactly those N
+hidden states, so the fused loss kernel never touches a padded `[B, T, V]` tensor.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Sequence
 
 import torch
 
-from fastdash.attention import packed_attention_kwargs, use_packed_attention
 from fastdash.batch import MicroBatch, Sample
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "microbatch_cost",
     "collate_packed",
     "collate_padded",
-    "forward_hidden",
 ]
 
 # Attention's share of the cost of a sample of L tokens is ~ L^2 / ATTN_SCALE against L for the
@@ -247,48 +245,3 @@ def collate_padded(samples: list[Sample], pad_token_id: int) -> MicroBatch:
         meta={"padding_tokens": B * T - real, "real_tokens": real},
         **_loss_fields(samples, torch.cat(index)),
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# forward
-
-
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer body without the lm_head (Qwen2ForCausalLM -> .model)."""
-    if hasattr(model, "get_decoder"):
-        try:
-            return model.get_decoder()
-        except (AttributeError, NotImplementedError, ValueError):
-            pass
-    return getattr(model, "model", None) or model.base_model
-
-
-def forward_hidden(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Run the base model on a micro-batch; return the hidden states that predict its targets: [N, H].
-
-    Packed micro-batches go through the varlen attention backend that `fastdash.attention` picks
-    (chosen and logged once per process); padded ones through the model's masked attention.
-    """
-    decoder = _decoder(model)
-    if mb.cu_seqlens is not None:
-        if mb.input_ids.shape[0] != 1:
-            raise ValueError(f"a packed micro-batch has one row, got input_ids of shape {tuple(mb.input_ids.shape)}")
-        use_packed_attention(model)
-        # attention_mask=None AND use_cache=False: only then does transformers keep samples apart
-        # (with a cache or a 2-D mask it silently attends across the packed samples)
-        out = decoder(
-            input_ids=mb.input_ids,
-            position_ids=mb.position_ids,
-            attention_mask=None,
-            use_cache=False,
-            **packed_attention_kwargs(model, mb.cu_seqlens, mb.max_seqlen),
-        )
-    else:
-        out = decoder(
-            input_ids=mb.input_ids,
-            position_ids=mb.position_ids,
-            attention_mask=mb.attention_mask,
-            use_cache=False,
-        )
-    hidden = out.last_hidden_state  # [B, T, H]
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.logit_index.to(hidden.device))  # [N, H]

@@ -137,7 +137,8 @@ def build_plan(cfg: Config, model, device: torch.device):
     return plan_memory(
         model, max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
         samples_per_step=cfg.train_batch_size, samples_per_generation=cfg.generation_batch_size,
-        beta=cfg.beta, engine=_planned_engine(cfg), memory_budget=cfg.memory_budget,
+        beta=cfg.beta, engine=_planned_engine(cfg), compute_dtype=pick_device_and_dtype(cfg)[1],
+        memory_budget=cfg.memory_budget,
         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, generation_concurrency=cfg.generation_concurrency,
         gpu_memory_utilization=cfg.gpu_memory_utilization)
 

@@ -1,63 +1,53 @@
 """Memory-aware scheduler: choose the backprop token budget and the generation concurrency from
-measured memory (`plan_memory` -> `MemoryPlan`); `run_with_oom_backoff` halves a budget on OOM.
+measured memory (`plan_memory` -> `MemoryPlan`). The run-time OOM back-off is `fastdash.oom`.
 
-Memory model (DESIGN.md section 6), on the device that trains:
+Memory model (DESIGN.md section 6), on the device that trains, in three steps:
 
-    fixed      = weights + grads (param dtype) + optimizer state + reference weights (beta > 0)
-    backprop   = fixed + c + s * T + q * T^2    T = packed tokens per micro-batch
+    fixed      = weights + grads (param dtype, fp32 master) + optimizer state (fp32)
+                 + reference weights (beta > 0, compute dtype)
+                 + HF engine weights (compute dtype, when it is not the parameters' dtype)
     generation = fixed + B * (kv_per_token * L + logits_per_seq)    B = concurrent sequences
+                 (vLLM: fixed + its share: own weights + overhead + KV cache)
+    backprop   = fixed + c + s * T + q * T^2    T = packed tokens per micro-batch
 
-c, s, q come from probe forward+backward passes over packed rows of worst-case samples (L =
-max_prompt_length + max_completion_length), so a late long sample cannot OOM an accepted plan.
-q ~ 0 with varlen attention (its T * L term is linear at fixed L, CPU included); attending over the
-whole packed row with a block mask (transformers' sdpa path) makes it > 0, and a probe at the
-chosen budget verifies it.
+c, s, q come from probe forward+backward passes, under the trainer's autocast, over packed rows of
+worst-case samples (L = max_prompt_length + max_completion_length), so a late long sample cannot
+OOM an accepted plan. q ~ 0 with varlen attention (its T * L term is linear at fixed L, CPU
+included); attending over the whole packed row with a block mask (transformers' sdpa path) makes
+it > 0, and a probe at the chosen budget verifies it.
 Budgets fill `safety` x (free + already-resident bytes). Measurement lives in `fastdash.memory`;
 this module is arithmetic over its numbers, testable with a fake probe.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from fastdash.memory import (  # noqa: F401 - re-exported: the scheduler's API in one place
+from fastdash.memory import (
     ActivationFit,
     MemoryProbe,
     allocated_model_bytes,
+    copy_bytes,
     default_probe,
     ensure_grads,
     fit_activation,
-    is_oom_error,
     kv_bytes_per_token,
     measure_activations,
-    model_bytes,
     probe_forward_backward,
-    run_with_oom_backoff,
 )
-
-from fastdash.memory_plan import MemoryPlan, MemoryPlanError  # noqa: F401 - re-exported
+from fastdash.memory_plan import FixedPart, MemoryPlan, MemoryPlanError, Pins, Workload, fixed_part
+from fastdash.oom import is_oom_error
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
 
-# Optimizer state bytes per trainable parameter (AdamW: exp_avg + exp_avg_sq in fp32).
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "sgd_momentum": 4}
 LOGITS_COPIES = 4  # [B, V] fp32 tensors alive per generation step (logits, processed, probs, ...)
-
-
-def _check_pin(name: str, value, fraction: bool = False):
-    """None for 'auto', else the value: a positive int, or with `fraction` a float in (0, 1]."""
-    if value == "auto":
-        return None
-    number = isinstance(value, (int, float) if fraction else int) and not isinstance(value, bool)
-    if not (number and (0 < value <= 1 if fraction else value > 0)):
-        raise ValueError(f"{name} must be 'auto' or {'a float in (0, 1]' if fraction else 'a positive int'}, "
-                         f"got {value!r}")
-    return value
 
 
 def _solve_tokens(fit: ActivationFit, room: int, L: int, M: int, need_msg: str) -> int:
@@ -116,6 +106,191 @@ def _fastest_tokens(times: dict[int, float], memory_tokens: int, tolerance: floa
     return max(t for t, r in rates.items() if r >= tolerance * best)
 
 
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The device's memory for this run: `usable` = safety x (measured free + already resident)."""
+
+    total: int
+    free: int
+    resident: int
+    safety: float
+    fixed: FixedPart
+
+    @property
+    def usable(self) -> int:
+        return int(self.safety * (self.free + self.resident))
+
+    @property
+    def dynamic(self) -> int:
+        """What generation and backprop activations share."""
+        return self.usable - self.fixed.total
+
+    def describe(self) -> str:
+        return (f"measured free {self.free / GiB:.3f} GiB + resident {self.resident / GiB:.3f} GiB, x safety "
+                f"{self.safety} = {self.usable / GiB:.3f} GiB usable; fixed part ({self.fixed.describe()})")
+
+
+@dataclass
+class Generation:
+    kv_per_token: int
+    fit: int  # sequences predicted to fit
+    concurrency: int
+    peak: int
+    train_room: int  # bytes left for backprop activations (less an awake vLLM's share)
+    utilization: float | None = None  # vLLM only
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Backprop:
+    tokens: int
+    memory_tokens: int  # the largest budget that fits, before the throughput limit
+    fastest: int | None
+    fit: ActivationFit
+    points: list[tuple[int, int]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# The three steps: fixed part (memory_plan.fixed_part), generation, backprop
+
+
+def measure_capacity(model, probe: MemoryProbe, fixed: FixedPart, safety: float,
+                     resident_bytes: int | None) -> Capacity:
+    """`resident_bytes` (default: the model's weights and allocated grads on the probe's device) is
+    what the free measurement already excludes but the fixed part counts."""
+    if resident_bytes is None:
+        resident_bytes = allocated_model_bytes(model, probe.device)
+    cap = Capacity(int(probe.total_bytes()), int(probe.free_bytes()), int(resident_bytes), safety, fixed)
+    if cap.dynamic <= 0:
+        raise MemoryPlanError(f"the fixed part alone does not fit: {cap.describe()}")
+    return cap
+
+
+def plan_generation(model, w: Workload, cap: Capacity, pins: Pins, kv_dtype_bytes: int | None = None,
+                    vllm_overhead_bytes: int = GiB) -> Generation:
+    """Concurrent sequences of L tokens: KV cache in the compute dtype plus fp32 logits (HF), or
+    vLLM's share of the device. Runs before backprop: an awake colocated vLLM takes its share first."""
+    kv_tok = kv_bytes_per_token(model.config, kv_dtype_bytes or _dtype_bytes(w.compute_dtype))
+    if w.engine == "hf":
+        gen = _hf_generation(model, w, cap, pins, kv_tok)
+    else:
+        gen = _vllm_generation(copy_bytes(model, w.compute_dtype), w, cap, pins, kv_tok, vllm_overhead_bytes)
+    L = w.sample_len
+    if gen.fit < 1 and pins.generation is None:
+        raise MemoryPlanError(f"not even one generation sequence of {L} tokens fits "
+                              f"({kv_tok * L / GiB:.3f} GiB KV cache each): {cap.describe()}")
+    if pins.generation is not None and pins.generation > gen.fit:
+        gen.warnings.append(f"generation_concurrency={pins.generation} is over the {gen.fit} sequences predicted "
+                            "to fit; expect OOM back-off in generation")
+    if pins.utilization is not None and gen.peak > cap.usable:
+        gen.warnings.append(f"gpu_memory_utilization={pins.utilization} plus the trainer's fixed part needs "
+                            f"{gen.peak / GiB:.3f} GiB, over the {cap.usable / GiB:.3f} GiB usable")
+    return gen
+
+
+def _hf_generation(model, w: Workload, cap: Capacity, pins: Pins, kv_tok: int) -> Generation:
+    per_seq = kv_tok * w.sample_len + LOGITS_COPIES * 4 * model.config.vocab_size
+    fit = cap.dynamic // per_seq
+    batch = pins.generation or min(w.generation_samples, fit)
+    return Generation(kv_tok, fit, batch, cap.fixed.total + batch * per_seq, train_room=cap.dynamic)
+
+
+def _vllm_generation(weights: int, w: Workload, cap: Capacity, pins: Pins, kv_tok: int, overhead: int) -> Generation:
+    """vLLM holds its own compute-dtype weight copy, its activations/graphs (overhead) and the KV
+    cache; asleep during backprop it frees them all, awake it keeps its share."""
+    kv_seq = kv_tok * w.sample_len
+    room = cap.dynamic if w.vllm_sleep else cap.dynamic // 2
+    if pins.utilization is not None:
+        room = int(pins.utilization * cap.total)
+    fit = max(0, (room - weights - overhead) // kv_seq)
+    batch = pins.generation or min(w.generation_samples, fit)
+    vllm_bytes = weights + overhead + batch * kv_seq
+    if pins.utilization is None and not w.vllm_sleep:
+        vllm_bytes = min(vllm_bytes, room)
+    util = pins.utilization if pins.utilization is not None else math.floor(100 * max(vllm_bytes, 1) / cap.total) / 100
+    share = int(util * cap.total)
+    return Generation(kv_tok, fit, batch, cap.fixed.total + share, utilization=util,
+                      train_room=cap.dynamic if w.vllm_sleep else cap.dynamic - share)
+
+
+def plan_backprop(activation_fn: Callable[[int], int], w: Workload, cap: Capacity, room: int, pins: Pins, *,
+                  probe_samples=(1, 2, 4, 8), repeats: int = 1, verify_rounds: int = 4,
+                  times: dict[int, float] | None = None) -> Backprop:
+    """The token budget: probe 1, 2, 4, 8 worst-case samples (while the fit says they fit in `room`),
+    solve the fit, verify by a probe at the chosen budget, stop short where tokens/s stops growing
+    (when `times` has the probes' timings), then check a pinned budget against the fit."""
+    L, M = w.sample_len, w.samples_per_step
+    points: list[tuple[int, int]] = []
+    for n in sorted({min(n, M) for n in probe_samples}):
+        t = n * L
+        if points and fit_activation(points)(t) > room:
+            break
+        points.append((t, max(int(activation_fn(t)) for _ in range(repeats))))
+    if points[0][1] > room:
+        raise MemoryPlanError(f"one worst-case sample of {L} tokens needs {points[0][1] / GiB:.3f} GiB of "
+                              f"activations, {room / GiB:.3f} GiB left after the fixed part: {cap.describe()}")
+    tokens = _solve_tokens(fit_activation(points), room, L, M, cap.describe())
+    tokens = _verify_tokens(activation_fn, points, tokens, room, verify_rounds, L)
+    memory_tokens, fastest = tokens, None
+    if times:
+        fastest = _fastest_tokens(times, tokens)
+        tokens = min(tokens, fastest or tokens)
+    probed = max(t for t, _ in points[:len(probe_samples)])
+    # the fit the plan reports: the probes, or the three measurements nearest the chosen budget
+    fit = fit_activation(points if tokens <= probed else sorted(p for p in points if p[0] <= tokens)[-3:])
+    bp = Backprop(tokens, memory_tokens, fastest, fit, points)
+    if pins.tokens is not None:
+        bp.warnings += _check_pinned_tokens(pins.tokens, bp, cap, room, L)
+        bp.tokens = pins.tokens
+    return bp
+
+
+def _check_pinned_tokens(pinned: int, bp: Backprop, cap: Capacity, room: int, L: int) -> list[str]:
+    warnings = []
+    if pinned < L:
+        warnings.append(f"max_tokens_per_microbatch={pinned} is below the longest sample ({L} tokens)")
+    if pinned > bp.tokens and bp.fit(pinned) > room:
+        warnings.append(f"max_tokens_per_microbatch={pinned} is predicted to need "
+                        f"{(cap.fixed.total + bp.fit(pinned)) / GiB:.3f} GiB, over the {cap.usable / GiB:.3f} GiB "
+                        f"usable (the largest that fits: {bp.memory_tokens}); expect OOM back-off")
+    return warnings
+
+
+@contextlib.contextmanager
+def _probing(model, w: Workload, probe: MemoryProbe, probe_step, times: dict):
+    """The measured activation function, set up before the free memory is measured: its first-call
+    allocations (imports, thread pools, kernels) and the grads it allocates are then resident.
+    The grads it allocated are dropped again on exit."""
+    restore = ensure_grads(model)
+    try:
+        if probe_step is None:
+            probe_step = functools.partial(probe_forward_backward, model, sample_len=w.sample_len,
+                                           completion_len=w.max_completion_length, compute_dtype=w.compute_dtype)
+        activation_fn = measure_activations(model, probe, probe_step, times)
+        try:
+            activation_fn(w.sample_len)  # warm-up; its peak is measured again by the plan
+        except BaseException as e:
+            if not is_oom_error(e):
+                raise
+            raise MemoryPlanError(f"one worst-case sample of {w.sample_len} tokens runs out of memory in the probe "
+                                  f"forward+backward ({str(e).splitlines()[0][:200]})") from None
+        yield activation_fn
+    finally:
+        for p in restore:
+            p.grad = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
 def plan_memory(
     model: torch.nn.Module,
     *,
@@ -127,6 +302,7 @@ def plan_memory(
     optimizer: str = "adamw",
     engine: str = "hf",
     vllm_sleep: bool = True,
+    compute_dtype: torch.dtype | None = None,
     safety: float = 0.9,
     memory_budget: int | None = None,
     max_tokens_per_microbatch: int | str = "auto",
@@ -145,155 +321,55 @@ def plan_memory(
 ) -> MemoryPlan:
     """Measure, then choose `max_tokens_per_microbatch` and the generation concurrency.
 
-    `samples_per_step` (train_batch_size) caps the token budget (one micro-batch for the whole
-    step) and gives micro-batches per step; `samples_per_generation` (default: the same) caps the
-    generation concurrency: the HF engine's sequences per `generate` call, or vLLM's
-    `max_num_seqs`. Pinned values (not "auto") are kept and checked: a warning says when one is
-    predicted not to fit. `probe_step(T)` runs one forward+backward over T packed tokens (default:
-    `fastdash.memory.probe_forward_backward`, worst-case samples); `activation_fn(T) -> peak
-    bytes` replaces the measurement altogether (tests);
-    `resident_bytes` (default: the model's weights and allocated grads on the probe's device) is
-    what the free measurement already excludes but the fixed part counts. With vLLM, planning assumes
-    it shares this device; `vllm_sleep` means it frees weights and KV cache during backprop.
+    The first ten keywords are the `Workload` (see there); `compute_dtype` (default: the
+    parameters' dtype) is the trainer's autocast dtype, the one the probes run in and the reference
+    model, KV cache and engine weights are held in. Pinned values (not "auto") are kept and checked:
+    a warning says when one is predicted not to fit. `probe_step(T)` runs one forward+backward over
+    T packed tokens (default: `fastdash.memory.probe_forward_backward`, worst-case samples);
+    `activation_fn(T) -> peak bytes` replaces the measurement altogether (tests). With vLLM,
+    planning assumes it shares this device. `resident_bytes`: see `measure_capacity`.
     """
-    if engine not in ("hf", "vllm"):
-        raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
-    if optimizer not in OPTIMIZER_STATE_BYTES:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
     if not 0 < safety <= 1:
         raise ValueError(f"safety must be in (0, 1], got {safety}")
-    pin_tokens = _check_pin("max_tokens_per_microbatch", max_tokens_per_microbatch)
-    pin_gen = _check_pin("generation_concurrency", generation_concurrency)
-    pin_util = _check_pin("gpu_memory_utilization", gpu_memory_utilization, fraction=True)
-    L = max_prompt_length + max_completion_length
-    M = samples_per_step
-    M_gen = samples_per_generation or samples_per_step
-    device = next(model.parameters()).device
-    probe = probe if probe is not None else default_probe(device, memory_budget)
+    compute_dtype = compute_dtype or next(model.parameters()).dtype
+    w = Workload(max_prompt_length, max_completion_length, samples_per_step, samples_per_generation, beta,
+                 optimizer, engine, vllm_sleep, compute_dtype)
+    pins = Pins.check(max_tokens_per_microbatch, generation_concurrency, gpu_memory_utilization)
+    probe = probe if probe is not None else default_probe(next(model.parameters()).device, memory_budget)
+    fixed = fixed_part(model, w)
+    times: dict[int, float] = {}
+    measuring = activation_fn is None
+    with _probing(model, w, probe, probe_step, times) if measuring else contextlib.nullcontext(activation_fn) as act:
+        cap = measure_capacity(model, probe, fixed, safety, resident_bytes)
+        gen = plan_generation(model, w, cap, pins, kv_dtype_bytes, vllm_overhead_bytes)
+        bp = plan_backprop(act, w, cap, gen.train_room, pins, probe_samples=probe_samples,
+                           repeats=probe_repeats if measuring else 1, verify_rounds=verify_rounds,
+                           times=times if throughput_aware else None)
+    return _memory_plan(model, w, pins, probe, cap, gen, bp)
 
-    # ---- fixed part
-    weights, grad_bytes, n_trainable = model_bytes(model)
-    opt_bytes = n_trainable * OPTIMIZER_STATE_BYTES[optimizer]
-    ref_bytes = weights if beta > 0 else 0
-    fixed = weights + grad_bytes + opt_bytes + ref_bytes
 
-    # ---- probe set-up first: its first-call allocations (imports, thread pools, kernels) and the
-    # grads it allocates are resident when the free memory is measured
-    restore, times, measured = [], {}, None
-    try:
-        if activation_fn is None:
-            restore = ensure_grads(model)
-            if probe_step is None:
-                probe_step = functools.partial(probe_forward_backward, model, sample_len=L,
-                                               completion_len=max_completion_length)
-            activation_fn = measured = measure_activations(model, probe, probe_step, times)
-            try:
-                activation_fn(L)  # warm-up; its peak is measured again below
-            except BaseException as e:
-                if not is_oom_error(e):
-                    raise
-                raise MemoryPlanError(f"one worst-case sample of {L} tokens runs out of memory in the probe "
-                                      f"forward+backward ({str(e).splitlines()[0][:200]})") from None
+def _memory_plan(model, w: Workload, pins: Pins, probe: MemoryProbe, cap: Capacity, gen: Generation,
+                 bp: Backprop) -> MemoryPlan:
+    fixed, L = cap.fixed, w.sample_len
+    train_peak = int(fixed.total + bp.fit(bp.tokens))
+    return MemoryPlan(
+        device=str(probe.device), engine=w.engine, master_dtype=_dtype_name(next(model.parameters()).dtype),
+        compute_dtype=_dtype_name(w.compute_dtype), total_bytes=cap.total, free_bytes=cap.free,
+        resident_bytes=cap.resident, safety=cap.safety, usable_bytes=cap.usable,
+        weights_bytes=fixed.weights, grads_bytes=fixed.grads, optimizer_bytes=fixed.optimizer,
+        reference_bytes=fixed.reference, generation_weights_bytes=fixed.generation_weights, fixed_bytes=fixed.total,
+        activation_base_bytes=bp.fit.c, activation_bytes_per_token=bp.fit.s, activation_bytes_per_token_sq=bp.fit.q,
+        probe_points=bp.points, sample_len=L, samples_per_step=w.samples_per_step,
+        max_tokens_per_microbatch=bp.tokens, backprop_peak_bytes=train_peak,
+        backprop_headroom_bytes=int(fixed.total + gen.train_room - train_peak),
+        microbatches_per_step=math.ceil(w.samples_per_step / max(1, bp.tokens // L)),
+        kv_bytes_per_token=gen.kv_per_token, generation_concurrency=gen.concurrency,
+        generation_peak_bytes=int(gen.peak), generation_headroom_bytes=int(cap.usable - gen.peak),
+        gpu_memory_utilization=gen.utilization, vllm_sleep=w.vllm_sleep if w.engine == "vllm" else None,
+        memory_max_tokens=bp.memory_tokens, fastest_tokens=bp.fastest, pinned=pins.names(w.engine),
+        warnings=gen.warnings + bp.warnings,
+    )
 
-        # ---- measured capacity
-        total, free = probe.total_bytes(), probe.free_bytes()
-        if resident_bytes is None:
-            resident_bytes = allocated_model_bytes(model, probe.device)
-        usable = int(safety * (free + resident_bytes))
-        dynamic = usable - fixed
-        need_msg = (f"measured free {free / GiB:.3f} GiB + resident {resident_bytes / GiB:.3f} GiB, "
-                    f"x safety {safety} = {usable / GiB:.3f} GiB usable; fixed part (weights {weights / GiB:.3f} "
-                    f"+ grads {grad_bytes / GiB:.3f} + optimizer {opt_bytes / GiB:.3f} + reference "
-                    f"{ref_bytes / GiB:.3f}) = {fixed / GiB:.3f} GiB")
-        if dynamic <= 0:
-            raise MemoryPlanError(f"the fixed part alone does not fit: {need_msg}")
 
-        # ---- generation (before backprop: a colocated vLLM that stays awake takes its share first)
-        dtype_bytes = kv_dtype_bytes or next(model.parameters()).element_size()
-        kv_tok = kv_bytes_per_token(model.config, dtype_bytes)
-        kv_seq = kv_tok * L
-        warnings: list[str] = []
-        util = None
-        train_dynamic = dynamic
-        if engine == "hf":
-            per_seq = kv_seq + LOGITS_COPIES * 4 * model.config.vocab_size
-            gen_fit = dynamic // per_seq
-            gen_batch = pin_gen or min(M_gen, gen_fit)
-            gen_peak = fixed + gen_batch * per_seq
-        else:
-            # vLLM holds its own weight copy, its activations/graphs (overhead) and the KV cache.
-            vllm_room = dynamic if vllm_sleep else dynamic // 2
-            if pin_util is not None:
-                vllm_room = int(pin_util * total)
-            gen_fit = max(0, (vllm_room - weights - vllm_overhead_bytes) // kv_seq)
-            gen_batch = pin_gen or min(M_gen, gen_fit)
-            vllm_bytes = weights + vllm_overhead_bytes + gen_batch * kv_seq
-            if pin_util is None and not vllm_sleep:
-                vllm_bytes = min(vllm_bytes, vllm_room)
-            util = pin_util if pin_util is not None else math.floor(100 * max(vllm_bytes, 1) / total) / 100
-            gen_peak = fixed + int(util * total)
-            if not vllm_sleep:
-                train_dynamic = dynamic - int(util * total)
-        if gen_fit < 1 and pin_gen is None:
-            raise MemoryPlanError(f"not even one generation sequence of {L} tokens fits "
-                                  f"({kv_seq / GiB:.3f} GiB KV cache each): {need_msg}")
-        if pin_gen is not None and pin_gen > gen_fit:
-            warnings.append(f"generation_concurrency={pin_gen} is over the {gen_fit} sequences predicted to fit; "
-                            "expect OOM back-off in generation")
-        if pin_util is not None and gen_peak > usable:
-            warnings.append(f"gpu_memory_utilization={pin_util} plus the trainer's fixed part needs "
-                            f"{gen_peak / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable")
-
-        # ---- activations: worst-case probe, then verify at the chosen budget
-        points: list[tuple[int, int]] = []
-        for n in sorted({min(n, M) for n in probe_samples}):
-            t = n * L
-            if points and fit_activation(points)(t) > train_dynamic:
-                break
-            repeats = probe_repeats if activation_fn is measured else 1
-            points.append((t, max(int(activation_fn(t)) for _ in range(repeats))))
-        fit = fit_activation(points)
-        if points[0][1] > train_dynamic:
-            raise MemoryPlanError(f"one worst-case sample of {L} tokens needs {points[0][1] / GiB:.3f} GiB of "
-                                  f"activations, {train_dynamic / GiB:.3f} GiB left after the fixed part: {need_msg}")
-        tokens = _solve_tokens(fit, train_dynamic, L, M, need_msg)
-        tokens = _verify_tokens(activation_fn, points, tokens, train_dynamic, verify_rounds, L)
-        memory_tokens, fastest = tokens, None
-        if throughput_aware and times:
-            fastest = _fastest_tokens(times, tokens)
-            tokens = min(tokens, fastest or tokens)
-        probed = max(t for t, _ in points[:len(probe_samples)])
-        fit = fit_activation(points if tokens <= probed else sorted(p for p in points if p[0] <= tokens)[-3:])
-        auto_tokens = tokens
-        tokens = pin_tokens or auto_tokens
-        if pin_tokens is not None:
-            if pin_tokens < L:
-                warnings.append(f"max_tokens_per_microbatch={pin_tokens} is below the longest sample ({L} tokens)")
-            if pin_tokens > auto_tokens and fit(pin_tokens) > train_dynamic:
-                warnings.append(f"max_tokens_per_microbatch={pin_tokens} is predicted to need "
-                                f"{(fixed + fit(pin_tokens)) / GiB:.3f} GiB, over the {usable / GiB:.3f} GiB usable "
-                                f"(the largest that fits: {memory_tokens}); expect OOM back-off")
-        per_mb = max(1, tokens // L)
-        train_peak = int(fixed + fit(tokens))
-        train_budget = fixed + train_dynamic
-
-        return MemoryPlan(
-            device=str(probe.device), engine=engine, total_bytes=int(total), free_bytes=int(free),
-            resident_bytes=int(resident_bytes), safety=safety, usable_bytes=usable,
-            weights_bytes=weights, grads_bytes=grad_bytes, optimizer_bytes=opt_bytes, reference_bytes=ref_bytes,
-            fixed_bytes=fixed, activation_base_bytes=fit.c, activation_bytes_per_token=fit.s,
-            activation_bytes_per_token_sq=fit.q, probe_points=points,
-            sample_len=L, samples_per_step=M, max_tokens_per_microbatch=tokens, backprop_peak_bytes=train_peak,
-            backprop_headroom_bytes=int(train_budget - train_peak), microbatches_per_step=math.ceil(M / per_mb),
-            kv_bytes_per_token=kv_tok, generation_concurrency=gen_batch, generation_peak_bytes=int(gen_peak),
-            generation_headroom_bytes=int(usable - gen_peak), gpu_memory_utilization=util,
-            vllm_sleep=vllm_sleep if engine == "vllm" else None,
-            memory_max_tokens=memory_tokens, fastest_tokens=fastest,
-            pinned=[k for k, v in (("max_tokens_per_microbatch", pin_tokens),
-                                   ("max_num_seqs" if engine == "vllm" else "generation_concurrency", pin_gen),
-                                   ("gpu_memory_utilization", pin_util)) if v is not None],
-            warnings=warnings,
-        )
-    finally:
-        for p in restore:
-            p.grad = None
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -23,11 +23,11 @@ import torch
 
 from fastdash.algo import gradient_filter, group_advantages, loss_normaliser, loss_token_weights
 from fastdash.batch import Sample
-from fastdash.packing import collate_packed, collate_padded, forward_hidden, plan_microbatches, \
-    plan_padded_microbatches
+from fastdash.forward import forward_hidden
+from fastdash.packing import collate_packed, collate_padded, plan_microbatches, plan_padded_microbatches
 from fastdash.rewards import score_completions
 from fastdash.rollout.base import SamplingParams
-from fastdash.scheduler import run_with_oom_backoff
+from fastdash.oom import run_with_oom_backoff
 from fastdash_kernels import fused_linear_logprob, fused_policy_loss
 
 log = logging.getLogger("fastdash")

@@ -12,10 +12,10 @@ import torch
 from fastdash import attention
 from fastdash.attention import select_attention_backend, use_packed_attention
 from fastdash.batch import Sample
+from fastdash.forward import forward_hidden
 from fastdash.packing import (
     collate_packed,
     collate_padded,
-    forward_hidden,
     microbatch_cost,
     plan_microbatches,
     plan_padded_microbatches,

@@ -7,15 +7,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from fastdash.memory import CpuMemoryProbe, ensure_grads, probe_forward_backward
-from fastdash.scheduler import (
-    MemoryPlanError,
-    fit_activation,
-    is_oom_error,
-    kv_bytes_per_token,
-    plan_memory,
-    run_with_oom_backoff,
-)
+from fastdash.memory import CpuMemoryProbe, ensure_grads, fit_activation, kv_bytes_per_token, probe_forward_backward
+from fastdash.forward import compute_autocast
+from fastdash.memory_plan import MemoryPlanError
+from fastdash.oom import is_oom_error, run_with_oom_backoff
+from fastdash.scheduler import plan_memory
 
 MiB = 1024**2
 
@@ -146,6 +142,62 @@ def test_generation_batch_limited_by_memory_and_capped_by_step():
     assert small_rollout.generation_concurrency == 8 and small_rollout.samples_per_step == 32
     pinned, _ = fake_plan(model, free=12 * MiB, act=FakeActivations(a=1000, c=0, L=L), generation_concurrency=500)
     assert pinned.generation_concurrency == 500 and any("generation_concurrency=500" in w for w in pinned.warnings)
+
+
+def test_mixed_precision_fixed_part():
+    """fp32 master weights, bf16 compute: weights 4 + grads 4 + AdamW 8 bytes per parameter, plus a
+    bf16 reference model (beta > 0) and the HF engine's bf16 generation copy, 2 bytes each; the KV
+    cache is bf16. vLLM keeps its bf16 copy inside its own share instead. All counted by hand."""
+    model = tiny_model()
+    n, w = param_count(model.config), weight_bytes(model)
+    bf16_copy = 2 * n + 2 * sum(b.numel() for b in model.buffers())  # rotary buffers are cast too
+    plan, _ = fake_plan(model, beta=0.04, compute_dtype=torch.bfloat16)
+    assert (plan.master_dtype, plan.compute_dtype) == ("float32", "bfloat16")
+    assert (plan.weights_bytes, plan.grads_bytes, plan.optimizer_bytes) == (w, 4 * n, 8 * n)
+    assert plan.reference_bytes == plan.generation_weights_bytes == bf16_copy
+    assert plan.fixed_bytes == w + 12 * n + 2 * bf16_copy
+    assert plan.kv_bytes_per_token == kv_bytes_per_token(model.config, 2)
+    usable = int(0.9 * (64 * MiB + w))
+    assert plan.max_tokens_per_microbatch == (usable - plan.fixed_bytes - MiB) // 20_000 // L * L
+    table = plan.to_table()
+    assert "compute dtype" in table and "engine weights (bfloat16)" in table and "reference model (bfloat16)" in table
+    fp32, _ = fake_plan(model, beta=0.04, compute_dtype=torch.float32)  # no separate engine copy
+    assert fp32.generation_weights_bytes == 0 and fp32.reference_bytes == w and fp32.fixed_bytes == 2 * w + 12 * n
+    free, total, overhead = 64 * MiB, 128 * MiB, 4 * MiB
+    vllm = plan_memory(model, probe=FakeProbe(free, total), activation_fn=FakeActivations(20_000, MiB, L),
+                       engine="vllm", vllm_overhead_bytes=overhead, compute_dtype=torch.bfloat16,
+                       **{**BASE, "samples_per_step": 4 * 4096})
+    assert vllm.generation_weights_bytes == 0 and vllm.fixed_bytes == w + 12 * n
+    r = int(0.9 * (free + w)) - vllm.fixed_bytes
+    assert vllm.generation_concurrency == (r - bf16_copy - overhead) // (kv_bytes_per_token(model.config, 2) * L)
+
+
+def test_probe_runs_under_the_trainers_autocast():
+    """The plan's default probe step runs the body under `compute_autocast` (bf16 matmuls over fp32
+    weights), as the trainer's forward does; fp32 runs without autocast."""
+    model = tiny_model()
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda mod, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype, args[0].shape[1])))
+
+    class RunningProbe(FakeProbe):
+        def measure(self, fn):
+            fn()
+            return MiB + 20_000 * seen[-1][2]  # the fake peak of the size just run
+
+    for dtype, autocast in ((torch.bfloat16, True), (torch.float32, False)):
+        seen.clear()
+        plan = plan_memory(model, probe=RunningProbe(64 * MiB), compute_dtype=dtype, probe_samples=(1, 2),
+                           probe_repeats=1, verify_rounds=0, throughput_aware=False,
+                           max_prompt_length=8, max_completion_length=24, samples_per_step=4)
+        assert seen and all(s[:2] == (autocast, dtype) for s in seen)
+        assert plan.compute_dtype == str(dtype).removeprefix("torch.")
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights untouched
+    hook.remove()
+    with compute_autocast("cpu", torch.float32):
+        assert not torch.is_autocast_enabled("cpu")
+    with compute_autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def test_curved_activations_are_caught_by_the_verification_probe():

@@ -25,6 +25,7 @@ import tempfile
 import torch
 
 from fastdash.batch import Completion
+from fastdash.memory import kv_bytes_per_token
 from fastdash.rollout.base import SamplingParams
 
 log = logging.getLogger("fastdash")
@@ -82,13 +83,6 @@ def _option(cfg, name: str, default):
     if value is None:
         value = (getattr(cfg, "extra", None) or {}).get(name, default)
     return default if value is None else value
-
-
-def _kv_bytes_per_token(model) -> int:
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
 
 class VLLMEngine:
@@ -176,7 +170,8 @@ class VLLMEngine:
     def _cpu_kv_gib(self, model, plan) -> int:
         """CPU KV cache: enough for max_num_seqs full-length sequences, whole GiB (vLLM's unit)."""
         per_token = getattr(plan, "kv_bytes_per_token", 0) if plan is not None else 0
-        need = (per_token or _kv_bytes_per_token(model)) * self.max_model_len * self.max_num_seqs
+        per_token = per_token or kv_bytes_per_token(model.config, next(model.parameters()).element_size())
+        need = per_token * self.max_model_len * self.max_num_seqs
         return max(1, math.ceil(need / GiB))
 
     def _model_dir(self, cfg, model, tokenizer):
