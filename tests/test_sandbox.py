@@ -1,9 +1,13 @@
 """The code sandbox: correct code passes, wrong code fails, escapes are contained and score 0.
 
+Cheats against the reward itself (early exits, forged verdicts, eq-anything values) are in
+test_code_reward_gaming.py.
+
 Each escape test checks the effect did not happen (no file, no connection) and that the run ended
 quickly, not only the score. Timeouts are short so the file runs in well under 30 s.
 """
 
+import json
 import os
 import socket
 import time
@@ -29,6 +33,79 @@ def test_wrong_code_fails():
     assert run_code_tests("def add(a, b):\n    return a - b\n", TESTS) == 0.0
     assert run_code_tests("def add(a, b) return", TESTS) == 0.0  # syntax error
     assert run_code_tests(GOOD, TESTS + ["assert add(2, 2) == 5"]) == 0.0  # pass/fail, not 2/3
+
+
+HONEST = """
+import collections, math
+from math import isclose
+from operator import add as plus
+class Pair:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+def chain(ps, n):
+    return sum(p.b - p.a for p in ps[:n])
+def squares(n):
+    return (i * i for i in range(n))
+def count(s):
+    return collections.Counter(s)
+def big(n):
+    return 2 ** n
+def half(x):
+    return x / 2
+def sort_in_place(a):
+    a.sort()
+def root(x):
+    if x < 0:
+        raise ValueError(x)
+    return math.sqrt(x)
+Point = collections.namedtuple("Point", "x y")
+def point():
+    return Point(1, 2)
+def nan():
+    return float("nan")
+def similar_elements(a, b):
+    return tuple(sorted(set(a) & set(b)))
+"""
+HONEST_TESTS = [
+    "assert chain([Pair(1, 5), Pair(2, 4)], 2) == 6",  # the code's objects go back to the code
+    "assert list(squares(4)) == [0, 1, 4, 9]", "assert count('aab') == {'a': 2, 'b': 1}",
+    "assert big(200) == 1 << 200", "assert math.isclose(half(1), 0.5)", "assert isclose(half(3), 1.5)",
+    "assert plus(2, 3) == 5", "a = [3, 1, 2]\nsort_in_place(a)\nassert a == [1, 2, 3]",
+    "try:\n    root(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError",
+    "assert point() == (1, 2)", "assert math.isnan(nan())", "assert root(4) == 2.0",
+    # an MBPP+-style test program: its own helper and input/result tables
+    "def assertion(out, exp, atol):\n    assert out == exp or math.isclose(out, exp, abs_tol=atol)\n"
+    "inputs = [[(3, 4, 5, 6), (5, 7, 4, 10)], [(1, 2), (3,)]]\nresults = [(4, 5), ()]\n"
+    "for inp, exp in zip(inputs, results):\n    assertion(similar_elements(*inp), exp, 0)\n",
+]
+
+
+def test_honest_values_pass_the_judge():
+    res = run_sandboxed(HONEST, tests=HONEST_TESTS)
+    assert res.passed, res.output
+    assert res.verdict["ran"] == res.verdict["passed"] == len(HONEST_TESTS)
+    # in-place mutation is mirrored back to the judge, so a wrong one is seen
+    assert run_code_tests(HONEST.replace("a.sort()", "a.reverse()"), HONEST_TESTS) == 0.0
+
+
+def test_codec_round_trip_is_exact():
+    from fastdash.rewards.sandbox_codec import decode, encode
+
+    def no(x, d):
+        raise TypeError(type(x))
+
+    values = [None, True, 0, -1, 2 ** 100, -(2 ** 70), 0.1, -0.0, float("inf"), "é\ud800", b"\x00",
+              bytearray(b"ab"), 1 + 2j, (1, [2, {3: (4,)}]), {1, 2}, frozenset({"a"}), range(1, 9, 2),
+              Ellipsis, {"k": [1.5, None]}]
+    for v in values:
+        j = encode(v, no)
+        back = decode(json.loads(json.dumps(j)), no)
+        assert type(back) is type(v) and repr(back) == repr(v), v
+    nan = decode(encode(float("nan"), no), no)
+    assert nan != nan
+    for bad in (["zz", 1], ["f", "1e999x"], ["i", 12], ["c", "a", 1.0], {"x": 1}, ["r", 1, 2, "3"]):
+        with pytest.raises((ValueError, TypeError, KeyError)):
+            decode(bad, no)
 
 
 def test_extract_code():

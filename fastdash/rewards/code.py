@@ -1,8 +1,13 @@
 """Code rewards: run a completion's code against its tests in a sandboxed subprocess.
 
-The reward is pass/fail, as the paper's MBPP+ reward: 1.0 when the program (code, then all tests)
-exits with status 0 inside the limits, else 0.0. Tests run in one process, in order, so the first
-failing ``assert`` fails the sample; a partial-credit fraction is deliberately not offered.
+The reward is pass/fail, as the paper's MBPP+ reward: 1.0 when the code loads and every test ran
+and passed, inside the limits, else 0.0; a partial-credit fraction is deliberately not offered.
+The harness decides, not the exit status (which a ``sys.exit(0)`` before the tests would forge):
+a trusted judge process runs the tests in order and sees the code's results only as plain values
+from a separate worker process (``harness.py``), and the run passes only when the judge's
+verdict, written after the last test to a pipe the code never holds, carries this run's random
+nonce and counts every test as run and passed. Exits, kills, hangs, exceptions, forged output
+and values that compare equal to anything all fail (tests/test_code_reward_gaming.py).
 
 Each run (``run_sandboxed``):
   - a fresh scratch directory (``tempfile.mkdtemp``), deleted afterwards; the program is written
@@ -26,21 +31,26 @@ Each run (``run_sandboxed``):
       * an audit hook that makes ``os.system``, ``subprocess``, ``os.exec*``, ``os.spawn*``,
         ``posix_spawn`` and ``os.fork`` raise (unless ``allow_subprocess``), and socket creation
         raise when no network namespace could be made (best effort: ctypes can bypass a hook);
+  - with tests, the judge and the worker (``harness.py``) non-dumpable (and, in a user
+    namespace, without capabilities), so the code cannot ptrace the judge or open its
+    /proc/<pid>/mem or fd;
   - a wall-clock timeout that SIGKILLs the whole process group (and so the pid namespace);
   - stdout+stderr read through a pipe up to ``max_output_bytes``; past it the run is killed and
     scores 0, so a flood of output never stalls the trainer.
 
 What is NOT contained: reads of world-readable files (the code runs with "other" permissions);
 without root (and without user namespaces) the code runs as the calling user, so it can write
-wherever that user can, and only the audit hook stands between it and the network. On this
-project's machines (root, util-linux present, namespaces permitted) every isolation is active;
-``sandbox_capabilities()`` reports which are.
+wherever that user can, and only the audit hook stands between it and the network; without a pid
+namespace it can also reach the trainer's process, so the judge's verdict is only as safe as
+the user's other processes. On this project's machines (root, util-linux present, namespaces
+permitted) every isolation is active; ``sandbox_capabilities()`` reports which are.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import marshal
 import os
 import re
 import secrets
@@ -56,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastdash.rewards import harness as _harness
+from fastdash.rewards import sandbox_codec as _codec
 from fastdash.rewards.sandbox_boot import BOOT as _BOOT
 
 logger = logging.getLogger("fastdash")
@@ -68,8 +79,13 @@ _slots = threading.Semaphore(_MAX_SLOTS)
 _slot_lock = threading.Lock()
 _free_slots = list(range(_MAX_SLOTS))
 _caps: dict | None = None
-with open(_harness.__file__, encoding="utf-8") as _f:
-    _HARNESS_SRC = _f.read()  # exec'd inside the sandbox, which may not see the package
+# exec'd inside the sandbox, which may not see the package; compiled once here (compiling it
+# in every sandbox took tens of ms), marshalled for the same interpreter
+_HARNESS_CODE = []
+for _m in (_codec, _harness):
+    with open(_m.__file__, encoding="utf-8") as _f:
+        _code = compile(_f.read(), os.path.basename(_m.__file__), "exec")
+    _HARNESS_CODE.append(marshal.dumps(_code).hex())
 _caps_logged = False
 
 
@@ -149,7 +165,7 @@ def run_sandboxed(
             job.write(json.dumps({"nonce": nonce, "tests": list(tests)}).encode("utf-8"))
             job.flush()
             verdict_r, verdict_w = os.pipe()
-            cfg.update(harness=_HARNESS_SRC, tests_fd=job.fileno(), verdict_fd=verdict_w)
+            cfg.update(harness=_HARNESS_CODE, tests_fd=job.fileno(), verdict_fd=verdict_w)
             fds += [job.fileno(), verdict_w]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch,
                "TMPDIR": scratch, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",

@@ -27,14 +27,14 @@ itself and has no truth value, so it never satisfies ``==`` or a bare ``assert``
 import builtins
 import importlib
 import json
-import math
 import os
 import sys
-import traceback
 import types
 
-MAX_DEPTH = 100  # nesting of a transferred value
-MAX_ITEMS = 1_000_000  # elements of a materialised iterator
+if __name__ != "fastdash_harness":  # in the sandbox BOOT exec'd sandbox_codec.py in here (and
+    # importing the fastdash package there would cost ~0.3 s of start-up)
+    from fastdash.rewards.sandbox_codec import decode, encode, encode_more
+
 MAX_LINE = 64 * 1024 * 1024  # bytes of one message
 _STD_OK = set(sys.stdlib_module_names) | {"numpy"}
 
@@ -43,157 +43,18 @@ class RemoteError(Exception):
     """The sandboxed code raised something that is not a builtin ``Exception``, or died."""
 
 
-# ---- codec: JSON with tagged containers; only exact builtin types, decoded as fresh objects
-
-
-def encode(x, other, depth=0):
-    t = type(x)
-    if x is None or t is bool or t is str:
-        return x
-    if t is int:
-        return x if -(1 << 62) < x < (1 << 62) else ["i", hex(x)]
-    if t is float:
-        return x if math.isfinite(x) else ["f", repr(x)]
-    if depth > MAX_DEPTH:
-        raise ValueError("value nested too deeply to transfer")
-    d = depth + 1
-    if t in _SEQ_TAGS:
-        return [_SEQ_TAGS[t], [encode(v, other, d) for v in x]]
-    if t is dict:
-        return ["d", [[encode(k, other, d), encode(v, other, d)] for k, v in x.items()]]
-    if t is bytes or t is bytearray:
-        return ["b" if t is bytes else "ba", x.hex()]
-    if t is complex:
-        return ["c", encode(x.real, other, d), encode(x.imag, other, d)]
-    if t is range:
-        return ["r", x.start, x.stop, x.step]
-    if x is Ellipsis:
-        return ["E"]
-    return other(x, d)
-
-
-_SEQ_TAGS = {list: "l", tuple: "t", set: "s", frozenset: "fs"}
-_SEQ_TYPES = {v: k for k, v in _SEQ_TAGS.items()}
-_FLOATS = {"nan", "inf", "-inf"}
-_FACTORIES = {"int": int, "float": float, "str": str, "list": list, "set": set, "dict": dict,
-              "tuple": tuple, "None": None}
-
-
-def decode(j, ref, depth=0):
-    t = type(j)
-    if j is None or t is bool or t is int or t is float or t is str:
-        return j
-    if t is not list or not j or type(j[0]) is not str or depth > MAX_DEPTH:
-        raise ValueError("malformed value from the sandbox")
-    tag, d = j[0], depth + 1
-    if tag in _SEQ_TYPES:
-        return _SEQ_TYPES[tag](decode(v, ref, d) for v in j[1])
-    if tag == "d":
-        return {decode(k, ref, d): decode(v, ref, d) for k, v in j[1]}
-    if tag == "i" and type(j[1]) is str and len(j[1]) < 1_000_000:
-        return int(j[1], 16)
-    if tag == "f" and j[1] in _FLOATS:
-        return float(j[1])
-    if tag in ("b", "ba") and type(j[1]) is str:
-        return (bytes if tag == "b" else bytearray).fromhex(j[1])
-    if tag == "c":
-        re_, im = decode(j[1], ref, d), decode(j[2], ref, d)
-        if type(re_) is float and type(im) is float:
-            return complex(re_, im)
-    if tag == "r" and all(type(v) is int for v in j[1:4]) and len(j) == 4:
-        return range(j[1], j[2], j[3])
-    if tag == "E":
-        return Ellipsis
-    if tag == "it":
-        return iter(decode(j[1], ref, d))
-    if tag == "std":
-        return _decode_std(j[1], decode(j[2], ref, d))
-    return ref(j)
-
-
-def _decode_std(name, v):
-    import collections
-    import decimal
-    import fractions
-
-    if name == "Counter":
-        return collections.Counter(dict(v))
-    if name == "OrderedDict":
-        return collections.OrderedDict(v)
-    if name == "defaultdict":
-        return collections.defaultdict(_FACTORIES[v[0]], v[1])
-    if name == "deque":
-        return collections.deque(v[0], v[1])
-    if name == "Decimal" and type(v) is str:
-        return decimal.Decimal(v)
-    if name == "Fraction":
-        return fractions.Fraction(int(v[0]), int(v[1]))
-    if name == "keys":
-        return dict.fromkeys(v).keys()
-    if name == "items":
-        return dict(v).items()
-    if name == "values":
-        return list(v)
-    if name == "ndarray":
-        import numpy
-
-        return numpy.array(v[1], dtype=numpy.dtype(str(v[0])))
-    raise ValueError("unknown value kind from the sandbox: %r" % (name,))
-
-
 # ---- the worker (untrusted): runs the completion, answers calls
 
 
 def _worker_other(refs):
-    import collections
-    import decimal
-    import fractions
-
-    def std(name, payload, d):
-        return ["std", name, encode(payload, other, d)]
-
     def other(x, d):
-        t = type(x)
-        if t is collections.Counter or t is collections.OrderedDict:
-            return std(t.__name__, dict(x), d)
-        if t is collections.defaultdict:
-            f = getattr(x.default_factory, "__name__", "None")
-            return std("defaultdict", [f if f in _FACTORIES else "None", dict(x)], d)
-        if t is collections.deque:
-            return std("deque", [list(x), x.maxlen], d)
-        if t is decimal.Decimal:
-            return std("Decimal", str(x), d)
-        if t is fractions.Fraction:
-            return std("Fraction", [x.numerator, x.denominator], d)
-        if t is type({}.keys()) or t is type({}.items()) or t is type({}.values()):
-            kind = {type({}.keys()): "keys", type({}.items()): "items"}.get(t, "values")
-            return std(kind, list(x), d)
-        if getattr(t, "__module__", "") == "numpy":
-            if t.__name__ == "ndarray":
-                return std("ndarray", [str(x.dtype), x.tolist()], d)
-            if hasattr(x, "item"):
-                return encode(x.item(), other, d)
-        if isinstance(x, types.GeneratorType) or (hasattr(t, "__next__") and hasattr(t, "__iter__")):
-            items = []
-            for v in x:
-                if len(items) >= MAX_ITEMS:
-                    raise ValueError("iterator too long to transfer")
-                items.append(v)
-            return ["it", encode(items, other, d)]
-        for base in (bool, int, float, str, bytes, tuple, list, dict, set, frozenset, complex):
-            if isinstance(x, base):  # a subclass (namedtuple, IntEnum): keep only the value
-                return encode(_strip(base, x), other, d)
-        refs.append(x)
-        return ["ref", len(refs) - 1]
+        j = encode_more(x, other, d)
+        if j is None:
+            refs.append(x)
+            j = ["ref", len(refs) - 1]
+        return j
 
     return other
-
-
-def _strip(base, x):
-    if base in (int, float, str, complex, bytes):
-        return getattr(base, {int: "__int__", float: "__float__", str: "__str__",
-                              complex: "__complex__", bytes: "__bytes__"}[base])(x)
-    return base(x)
 
 
 def _describe(ns, other):
@@ -259,6 +120,8 @@ def _worker(src, req_fd, resp_fd):
         exec(compile(src, "solution.py", "exec"), ns)
         send({"names": _describe(ns, other)})
     except BaseException as e:  # SystemExit included: exiting while loading is a failure
+        import traceback  # only here: its import costs start-up time
+
         traceback.print_exc(limit=5)
         send(_error(e))
         os._exit(1)
@@ -353,11 +216,12 @@ class Conn:
                 _write_back(a, decode(new, self.remote))
         return res
 
-    @staticmethod
-    def arg_ref(x, d):
-        if type(x) is Remote:
-            return x._key
-        raise TypeError("cannot pass a %s to the sandboxed code" % type(x).__name__)
+    @classmethod
+    def arg_ref(cls, x, d):
+        j = x._key if type(x) is Remote else encode_more(x, cls.arg_ref, d)
+        if j is None:
+            raise TypeError("cannot pass a %s to the sandboxed code" % type(x).__name__)
+        return j
 
 
 def _write_back(a, new):
@@ -426,7 +290,10 @@ def evaluate(cfg, src, install_hook):
             exec(compile(test, "<test %d>" % i, "exec"), ns)
             verdict["passed"] += 1
     except BaseException:
-        sys.stderr.write("test %d failed:\n%s" % (verdict["ran"], traceback.format_exc(limit=4)))
+        import traceback
+
+        what = "test %d" % verdict["ran"] if verdict["loaded"] else "loading the code"
+        sys.stderr.write("%s failed:\n%s" % (what, traceback.format_exc(limit=4)))
     try:
         os.kill(pid, 9)
     except OSError:

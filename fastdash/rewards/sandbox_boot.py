@@ -1,7 +1,7 @@
 """The sandbox bootstrap: runs in the child interpreter before the untrusted code (see code.py)."""
 
 # Bootstrap run by the sandbox interpreter. argv[1] is a JSON config; fd cfg["info_fd"] gets one
-# JSON line saying which isolations took effect. With cfg["harness"] (the source of harness.py) the
+# JSON line saying which isolations took effect. With cfg["harness"] (sandbox_codec.py and harness.py, compiled) the
 # code is not run as a program: the judge in harness.py loads it in a worker and runs the tests.
 BOOT = r'''
 import ctypes, json, os, resource, signal, sys
@@ -150,7 +150,9 @@ BLOCK_SOCKETS = not iso["net"]
 del libc
 if cfg.get("harness"):  # the judge and its worker: see harness.py
     H = {"__name__": "fastdash_harness", "__builtins__": __builtins__}
-    exec(compile(cfg.pop("harness"), "harness.py", "exec"), H)
+    import marshal
+    for code in cfg.pop("harness"):
+        exec(marshal.loads(bytes.fromhex(code)), H)
     H["evaluate"](cfg, src, lambda: sys.addaudithook(hook))
 sys.addaudithook(hook)
 sys.argv = ["prog.py"]
