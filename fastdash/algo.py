@@ -1,17 +1,66 @@
-"""The paper's maths, in one place: advantages, the gradient filter, the loss normaliser.
+"""The paper's maths, in one place: preemptive sampling, advantages, the gradient filter, the loss
+mask, the loss normaliser (and, with `loss_token_weights`, everything a loss type means).
 
 The per-token policy loss itself (PPO-clip + KL estimators) lives beside the fused kernel in
-`fastdash_kernels.loss`, because every kernel backend must share it; it is re-exported here under
-its paper name so this file reads as the whole algorithm.
+`fastdash_kernels.loss`, because every kernel backend must share it; kernels receive generic per-token
+weights from here and know nothing of loss types.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from fastdash_kernels.loss import per_token_policy_loss as policy_loss  # noqa: F401  (re-export)
-
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_EPS = 1e-4  # the paper's code: (r - mean) / (std + 1e-4)
+
+
+@dataclass(frozen=True)
+class PreemptiveSampling:
+    """How one rollout is generated and consumed (the paper's section 3).
+
+    DASH's preemptive sampling generates a whole step's samples (or several steps': Mini, Multi) in
+    one engine call, then backprops them in small micro-batches; baseline GRPO makes one small call
+    per micro-batch for the same samples. Either way the samples, and so the maths, are the same.
+    """
+
+    samples: int  # samples per rollout (one generation round)
+    samples_per_call: int  # samples per engine call (generation_batch_size)
+    engine_calls: int  # engine calls per rollout
+    steps: int  # optimizer steps that consume one rollout
+    train_batch_size: int  # samples per optimizer step
+    num_iterations: int  # K: optimizer passes over each step batch
+
+    @property
+    def preemptive(self) -> bool:
+        """One engine call covers at least one full optimizer step."""
+        return self.samples_per_call >= self.train_batch_size
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """The PPO ratio's denominator needs its own pass only when a sample is trained on after the
+        policy moved: K > 1 (Multi) or a rollout that feeds several steps (Mini). Else ratio = 1."""
+        return self.num_iterations > 1 or self.samples > self.train_batch_size
+
+
+def preemptive_sampling(generation_batch_size: int, train_batch_size: int, num_iterations: int,
+                        num_generations: int) -> PreemptiveSampling:
+    """The rollout shape the batch-size knobs describe; ValueError (naming the key) when they don't fit."""
+    for key, value in (("train_batch_size", train_batch_size), ("generation_batch_size", generation_batch_size)):
+        if value <= 0 or value % num_generations:
+            raise ValueError(f"config: {key}={value}: must be a positive multiple of num_generations={num_generations}")
+    small, big = sorted((generation_batch_size, train_batch_size))
+    if big % small:
+        raise ValueError(f"config: generation_batch_size={generation_batch_size}: one of generation_batch_size and "
+                         f"train_batch_size={train_batch_size} must divide the other")
+    if num_iterations <= 0:
+        raise ValueError(f"config: num_iterations={num_iterations}: must be > 0")
+    samples = big
+    return PreemptiveSampling(samples=samples, samples_per_call=generation_batch_size,
+                              engine_calls=samples // generation_batch_size,
+                              steps=samples // train_batch_size * num_iterations,
+                              train_batch_size=train_batch_size, num_iterations=num_iterations)
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -30,8 +79,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
         centred = centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
     elif scale_rewards == "batch":
         centred = centred / (rewards.float().std() + ADVANTAGE_EPS)
-    elif scale_rewards != "none":
-        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
+    elif scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     return centred.view(-1)
 
 
@@ -42,6 +91,15 @@ def gradient_filter(advantages: torch.Tensor, threshold: float) -> torch.Tensor:
     drops exactly the zero-variance groups (all right or all wrong), which carry no PG signal.
     """
     return advantages.abs() > threshold
+
+
+def loss_mask(completion_lengths: list[int], truncated: list[bool], mask_truncated_completions: bool) -> torch.Tensor:
+    """Samples the loss can use at all, apart from the filter: not empty, and not truncated when
+    `mask_truncated_completions` (DAPO's overlong filtering). Returns a bool mask [M]."""
+    keep = torch.tensor([n > 0 for n in completion_lengths], dtype=torch.bool)
+    if mask_truncated_completions:
+        keep &= ~torch.tensor(truncated, dtype=torch.bool)
+    return keep
 
 
 def loss_normaliser(loss_type: str, kept_lengths: list[int], all_lengths: list[int],

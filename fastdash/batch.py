@@ -1,8 +1,9 @@
 """The data that flows through one step: samples out of the rollout, micro-batches into backprop.
 
 Everything here is plain data. Producers: rollout engines make `Completion`s, the trainer turns them
-into `Sample`s (adding reward and advantage), the packer (`fastdash.packing`) turns kept samples into
-`MicroBatch`es. Consumers never mutate what they are given.
+into `Sample`s (adding reward and advantage; old / reference log-probs by `dataclasses.replace`), the
+packer (`fastdash.packing`) turns kept samples into `MicroBatch`es. Samples are frozen: nobody mutates
+what they are given.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class Completion:
     sampler_logps: list[float] | None = None  # per-token log-probs from the engine, when it gives them
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sample:
     """A completion with its reward and group-relative advantage, ready for the filter and packer.
 
@@ -30,7 +31,6 @@ class Sample:
     """
 
     uid: int
-    group: int  # prompt index within the step; the G samples of one prompt share it
     prompt_ids: list[int]
     completion_ids: list[int]
     truncated: bool
@@ -68,14 +68,6 @@ class MicroBatch:
     old_logps: torch.Tensor | None = None  # [N] fp32
     ref_logps: torch.Tensor | None = None  # [N] fp32
     meta: dict = field(default_factory=dict)  # e.g. padding tokens, for metrics
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.uids)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         def move(x):

@@ -11,6 +11,7 @@ steps). It is written under a temporary name and renamed into place only once co
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -124,14 +125,24 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
     return path
 
 
+def final_dtype(cfg, run) -> torch.dtype:
+    """`save_dtype`, with auto = the compute dtype: what a user loads for inference."""
+    return run.compute_dtype if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+
+
 def save_final(cfg, run, trainer, out: Path, checkpoint: bool = True) -> Path:
-    """The final model (loadable with from_pretrained) plus, unless this step was just saved
-    (`checkpoint=False`), a full checkpoint of the last step."""
+    """The final model (loadable with from_pretrained) in `save_dtype`, plus, unless this step was just
+    saved (`checkpoint=False`), a full checkpoint of the last step (fp32 master weights: exact resume)."""
     if checkpoint:
         save_checkpoint(cfg, run, trainer, out)
+    dtype = final_dtype(cfg, run)
 
     def write(d: Path):
-        run.model.save_pretrained(d, safe_serialization=True)
+        weights = {k: v.to(dtype) for k, v in run.model.state_dict().items()}
+        run.model.save_pretrained(d, state_dict=weights, safe_serialization=True)
+        config = json.loads((d / "config.json").read_text())  # save_pretrained writes the fp32 master's dtype
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         run.tokenizer.save_pretrained(d)
 
     return _write_atomically(out / "final", write)

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import yaml
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-KERNELS = ("auto", "triton", "torch", "liger", "reference")
+from fastdash.algo import LOSS_TYPES, SCALE_REWARDS, PreemptiveSampling, preemptive_sampling
+from fastdash_kernels import BACKENDS as KERNELS
+from fastdash_kernels import KL_ESTIMATORS
+
 ENGINES = ("auto", "hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 TASKS = ("arithmetic", "gsm8k", "math", "mbpp", "plain")
 
 
@@ -32,7 +34,8 @@ TASKS = ("arithmetic", "gsm8k", "math", "mbpp", "plain")
 class Config:
     # --- model and data ---
     model: str = "tiny-arith"  # shipped name, local HF directory, or random:<preset>
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # compute dtype (weights, grads, AdamW stay fp32); auto = bfloat16 on CUDA, float32 on CPU
+    save_dtype: str = "auto"  # dtype of the final model in output_dir/final; auto = the compute dtype
     attn_implementation: str = "sdpa"
     task: str = "arithmetic"
     dataset: str | None = None  # local dir / .jsonl / .parquet / cached dataset name; None = built in
@@ -96,6 +99,7 @@ class Config:
     eval_steps: int = 50  # held-out eval every N steps (0 = only before and after training)
     eval_batch_size: int = 500
     eval_sampled: bool = True  # also report sampled (temperature) held-out accuracy
+    num_eval_samples: int = 4  # sampled completions per held-out problem: pass@1 and pass@k, k = this
     num_threads: int = 0  # CPU threads; 0 = torch's default
     plots: bool = True
     extra: dict = field(default_factory=dict)  # free-form, e.g. for user reward functions
@@ -111,43 +115,42 @@ class Config:
         return self.train_batch_size // self.num_generations
 
     @property
+    def preemptive_sampling(self) -> PreemptiveSampling:
+        """How a rollout is generated (engine calls) and consumed (optimizer steps): `fastdash.algo`."""
+        return preemptive_sampling(self.generation_batch_size, self.train_batch_size, self.num_iterations,
+                                   self.num_generations)
+
+    @property
     def needs_old_logps(self) -> bool:
-        """An old-policy pass is needed only when a sample is trained on after the policy moved."""
-        return self.num_iterations > 1 or self.generation_batch_size > self.train_batch_size
+        return self.preemptive_sampling.needs_old_logps
 
     @property
     def steps_per_generation(self) -> int:
         """Optimizer steps that consume one rollout buffer (Mini and Multi reuse one generation)."""
-        return max(1, self.generation_batch_size // self.train_batch_size) * self.num_iterations
+        return self.preemptive_sampling.steps
 
     @property
     def rollout_size(self) -> int:
         """Samples generated per rollout (several engine calls when generation_batch_size is small)."""
-        return max(self.generation_batch_size, self.train_batch_size)
+        return self.preemptive_sampling.samples
 
     def validate(self) -> None:
         def bad(key, msg):
             raise ValueError(f"config: {key}={getattr(self, key)!r}: {msg}")
 
         choices = dict(loss_type=LOSS_TYPES, kl_estimator=KL_ESTIMATORS, kernel=KERNELS,
-                       engine=ENGINES, task=TASKS, scale_rewards=("group", "batch", "none"),
-                       lr_scheduler_type=("linear", "constant"),
-                       dtype=("auto", "float32", "bfloat16", "float16"))
+                       engine=ENGINES, task=TASKS, scale_rewards=SCALE_REWARDS,
+                       lr_scheduler_type=("linear", "constant"), dtype=DTYPES, save_dtype=DTYPES)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {list(allowed)}")
         G = self.num_generations
         if G < 2:
             bad("num_generations", "group-relative advantages need at least 2 samples per prompt")
-        for key in ("train_batch_size", "generation_batch_size"):
-            if getattr(self, key) <= 0 or getattr(self, key) % G:
-                bad(key, f"must be a positive multiple of num_generations={G}")
-        small, big = sorted((self.generation_batch_size, self.train_batch_size))
-        if big % small:
-            bad("generation_batch_size", f"one of generation_batch_size and train_batch_size="
-                f"{self.train_batch_size} must divide the other")
+        if self.num_iterations > 0:
+            self.preemptive_sampling  # raises, naming the key, when the batch sizes don't fit together
         positive = ("micro_batch_size", "max_completion_length", "max_prompt_length", "num_iterations",
-                    "num_eval_problems", "eval_batch_size", "max_nonfinite_steps")
+                    "num_eval_problems", "eval_batch_size", "max_nonfinite_steps", "num_eval_samples")
         for key in positive:
             if getattr(self, key) <= 0:
                 bad(key, "must be > 0")

@@ -59,6 +59,17 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
+def _eval_curves(evals: list[dict]) -> list[tuple[str, str, str]]:
+    """(key, line style, label) of the held-out curves: greedy accuracy, then pass@1 and pass@k, or the
+    sampled accuracy of an evals.jsonl written before pass@k existed."""
+    ks = sorted({int(key.split("@")[1]) for e in evals for key in e if key.startswith("eval/pass@")})
+    curves = [("eval/accuracy_greedy", "o-", "held-out greedy accuracy")]
+    curves += [(f"eval/pass@{k}", "s--" if k == 1 else "^:", f"held-out pass@{k}") for k in ks]
+    if not ks:
+        curves.append(("eval/accuracy_sampled", "s--", "held-out sampled accuracy"))
+    return curves
+
+
 def plot_run(rows: list[dict], evals: list[dict], out_dir: Path) -> list[Path]:
     """reward.png (reward and held-out accuracy over steps) and time.png (time split by phase)."""
     import matplotlib
@@ -71,10 +82,10 @@ def plot_run(rows: list[dict], evals: list[dict], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in rows]
         ax.plot(steps, [r.get("reward/mean") for r in rows], label="train reward (mean)")
-        for key, style in (("eval/accuracy_greedy", "o-"), ("eval/accuracy_sampled", "s--")):
-            pts = [(e["step"], e[key]) for e in evals if key in e]
+        for key, style, label in _eval_curves(evals):
+            pts = [(e["step"], e[key]) for e in evals if e.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), style, label=key.split("/")[1].replace("_", " "))
+                ax.plot(*zip(*pts), style, label=label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("reward / accuracy")
         ax.legend()
@@ -99,3 +110,29 @@ def plot_run(rows: list[dict], evals: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / "time.png")
     return written
+
+
+def inference_mismatch(trainer_logps: list[torch.Tensor], sampler_logps: list[list[float]]) -> dict:
+    """Train/inference mismatch on the step's tokens: |logp_trainer - logp_sampler| mean and max, and
+    the k3 estimate of KL(sampler || trainer) = E[exp(d) - 1 - d], d = logp_trainer - logp_sampler.
+
+    One entry per sample, same token count on both sides; samples whose sampler log-probs are None
+    (an engine that gives none) are skipped. A sync that silently failed shows up as a jump here.
+    """
+    if len(trainer_logps) != len(sampler_logps):
+        raise ValueError(f"inference_mismatch: {len(trainer_logps)} trainer samples vs "
+                         f"{len(sampler_logps)} sampler samples")
+    diffs = []
+    for i, (t, s) in enumerate(zip(trainer_logps, sampler_logps)):
+        if s is None:
+            continue
+        t = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
+        if t.numel() != len(s):
+            raise ValueError(f"inference_mismatch: sample {i} has {t.numel()} trainer log-probs and "
+                             f"{len(s)} sampler log-probs")
+        diffs.append(t - torch.tensor(s, dtype=torch.float64))
+    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64)
+    if d.numel() == 0:
+        return {"mismatch/tokens": 0}
+    return {"mismatch/logp_abs_mean": float(d.abs().mean()), "mismatch/logp_abs_max": float(d.abs().max()),
+            "mismatch/k3_kl": float((torch.expm1(d) - d).mean()), "mismatch/tokens": int(d.numel())}

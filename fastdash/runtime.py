@@ -15,10 +15,11 @@ import torch
 
 from fastdash.config import Config
 from fastdash.data import load_task
+from fastdash.memory_plan import MemoryPlan
 from fastdash.metrics import PhaseTimer
 from fastdash.models import load_model_and_tokenizer
-from fastdash.rewards import get_reward_fn
-from fastdash.rollout import make_engine
+from fastdash.rewards import RewardFn, get_reward_fn
+from fastdash.rollout import Engine, make_engine
 from fastdash.trainer import TrainState
 
 log = logging.getLogger("fastdash")
@@ -29,17 +30,18 @@ DEFAULT_REWARD = {"arithmetic": "arithmetic", "gsm8k": "gsm8k", "math": "math", 
 class Run:
     cfg: Config
     device: torch.device
-    model: torch.nn.Module
-    ref_model: torch.nn.Module | None
+    model: torch.nn.Module  # fp32 master weights, always (mixed precision: README "Precision")
+    ref_model: torch.nn.Module | None  # in the compute dtype; only when beta > 0
     tokenizer: object
-    engine: object
+    engine: Engine
     train_problems: list[dict]
     eval_problems: list[dict]
-    reward_fn: object
+    reward_fn: RewardFn
     optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    plan: object
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: MemoryPlan | None
     total_steps: int
+    compute_dtype: torch.dtype = torch.float32  # forward / backward run in it (autocast)
     state: TrainState = field(default_factory=TrainState)
     timer: PhaseTimer | None = None
     _prompt_cache: dict = field(default_factory=dict)
@@ -68,6 +70,7 @@ class Run:
 
 
 def pick_device_and_dtype(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """The device and the compute dtype (`dtype`); weights and optimizer state stay fp32 regardless."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     return device, getattr(torch, name)
@@ -148,7 +151,9 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
         torch.set_num_threads(cfg.num_threads)  # before any engine starts (vLLM replaces it with a no-op)
     seed_everything(cfg.seed)
     device, dtype = pick_device_and_dtype(cfg)
-    model, tok = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
+    # fp32 master weights whatever the compute dtype: an AdamW update of ~lr (3e-6) rounds to nothing
+    # on a bf16 weight (its spacing near 0.05 is 2e-4), so bf16 parameters would barely learn.
+    model, tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
                                           seed=cfg.seed)
     model.to(device).train()
     check_head(model)
@@ -156,7 +161,7 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
         model.gradient_checkpointing_enable()
     ref_model = None
     if cfg.beta > 0:  # the reference policy exists only when the KL term does
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
     train, evals = load_task(cfg)
     train = _drop_long_prompts(cfg, tok, train, "train data")
     evals = _drop_long_prompts(cfg, tok, evals, "eval data")
@@ -167,4 +172,5 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     reward_fn = get_reward_fn(cfg.reward or DEFAULT_REWARD[cfg.task])
     return Run(cfg=cfg, device=device, model=model, ref_model=ref_model, tokenizer=tok, engine=engine,
                train_problems=train, eval_problems=evals, reward_fn=reward_fn, optimizer=optimizer,
-               lr_scheduler=lr_scheduler, plan=plan, total_steps=total, timer=PhaseTimer(device))
+               lr_scheduler=lr_scheduler, plan=plan, total_steps=total, compute_dtype=dtype,
+               timer=PhaseTimer(device))

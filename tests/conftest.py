@@ -25,6 +25,7 @@ class ScriptedEngine:
     so two arms that batch generation differently see identical samples."""
 
     name = "scripted"
+    max_batch_size = None  # the Engine protocol's concurrency setting
 
     def __init__(self, vocab: int = 20, eos: int = 1, max_len: int = 6):
         self.vocab, self.eos, self.max_len = vocab, eos, max_len

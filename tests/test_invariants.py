@@ -58,9 +58,9 @@ def test_filter_keeps_exactly_abs_advantage_above_tau(scripted_run):
     trainer = Trainer(cfg, run)
     trainer.rollout()
     batch = trainer.buffer[0]
-    kept = {s.uid for s in trainer._kept(batch)}
-    expected = {s.uid for s in batch if abs(s.advantage) > 0.6}
-    assert kept == expected and 0 < len(kept) < len(batch)
+    kept = {s.uid for s in batch.kept}
+    expected = {s.uid for s in batch.samples if abs(s.advantage) > 0.6}
+    assert kept == expected and 0 < len(kept) < len(batch.samples)
 
 
 def test_all_filtered_step_skips_forward_and_optimizer(scripted_run, monkeypatch):
@@ -97,7 +97,7 @@ def test_multi_and_mini_use_old_logps_of_the_sampling_policy(scripted_run, overr
     trainer.step()
     assert len(trainer.buffer) == 1
     second = trainer.buffer[0]
-    kept = trainer._kept(second)
+    kept = second.kept
     assert kept and all(s.old_logps is not None and s.old_logps.numel() == len(s.completion_ids) for s in kept)
     metrics = trainer.step()  # the policy moved: ratios differ from 1 and are measured against old_logps
     assert metrics["skipped"] == 0 and trainer.state.step == 2
@@ -123,4 +123,4 @@ def test_generation_oom_halves_the_batch_and_keeps_the_samples(scripted_run):
     trainer = Trainer(cfg, run)
     trainer.rollout()
     assert seen[:3] == [16, 8, 4] and engine.max_batch_size == 4
-    assert run.state.counters["oom_retries"] == 2 and len(trainer.buffer[0]) == 16
+    assert run.state.counters["oom_retries"] == 2 and len(trainer.buffer[0].samples) == 16

@@ -4,6 +4,8 @@ The model tests use a tiny random Qwen2 in fp32 on CPU (sdpa), built in code.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
 
 import pytest
@@ -21,10 +23,13 @@ from fastdash.packing import (
     plan_padded_microbatches,
 )
 
+from tests.numerics import assert_fp32_close
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 100
 PAD = 0
+N_TERMS = 128  # the longest float32 sum in the tiny model's forward (intermediate_size); tolerances grow with it
 
 
 def tiny_qwen2(seed: int = 0):
@@ -42,7 +47,7 @@ def make_samples(shapes: list[tuple[int, int]], seed: int = 0, logps: bool = Fal
     out = []
     for uid, (p, c) in enumerate(shapes):
         out.append(Sample(
-            uid=uid, group=uid // 4,
+            uid=uid,
             prompt_ids=torch.randint(1, VOCAB, (p,), generator=g).tolist(),
             completion_ids=torch.randint(1, VOCAB, (c,), generator=g).tolist(),
             truncated=False, advantage=float(torch.randn((), generator=g)),
@@ -84,8 +89,11 @@ def test_packed_forward_matches_per_sample(model):
     mb = collate_packed(samples)
     packed = _full_logits(model, mb)
     per_sample = torch.cat([_full_logits(model, collate_packed([s])) for s in samples])
+    model64 = copy.deepcopy(model).double()  # the same maths in float64: the reference for both
+    reference = torch.cat([_full_logits(model64, collate_packed([s])) for s in samples])
     assert packed.shape == (sum(s.length for s in samples), VOCAB)
-    torch.testing.assert_close(packed, per_sample, atol=2e-6, rtol=1e-5)
+    assert_fp32_close(packed, reference, N_TERMS, what="packed logits")
+    assert_fp32_close(per_sample, reference, N_TERMS, what="per-sample logits")
 
     # gradients of the same scalar, packed vs one sample at a time
     w = torch.randn(packed.shape, generator=torch.Generator().manual_seed(1))
@@ -98,9 +106,16 @@ def test_packed_forward_matches_per_sample(model):
         (_full_logits(model, collate_packed([s])) * w[offset: offset + s.length]).sum().backward()
         offset += s.length
     g_single = _grads(model)
-    assert g_packed.keys() == g_single.keys() and len(g_packed) > 0
+    offset = 0
+    for s in samples:
+        (_full_logits(model64, collate_packed([s])) * w[offset: offset + s.length].double()).sum().backward()
+        offset += s.length
+    g_ref = _grads(model64)
+    assert g_packed.keys() == g_single.keys() == g_ref.keys() and len(g_packed) > 0
+    n_terms = max(N_TERMS, packed.shape[0])  # weight gradients also sum over every token
     for n in g_packed:
-        torch.testing.assert_close(g_packed[n], g_single[n], atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+        assert_fp32_close(g_packed[n], g_ref[n], n_terms, what=f"packed grad {n}")
+        assert_fp32_close(g_single[n], g_ref[n], n_terms, what=f"per-sample grad {n}")
 
 
 def test_varlen_backend_receives_cu_seqlens(monkeypatch):
@@ -129,7 +144,8 @@ def test_use_cache_and_attention_mask_trap():
     model = tiny_qwen2()
     samples = make_samples(SHAPES)
     mb = collate_packed(samples)
-    reference = torch.cat([_full_logits(model, collate_packed([s])) for s in samples])
+    model64 = copy.deepcopy(model).double()
+    reference = torch.cat([_full_logits(model64, collate_packed([s])) for s in samples])  # float64
     model.set_attn_implementation("sdpa")  # the trap is transformers' own packed sdpa path
     decoder = model.get_decoder()
 
@@ -141,9 +157,9 @@ def test_use_cache_and_attention_mask_trap():
         right = logits(attention_mask=None, use_cache=False)
         with_cache = logits(attention_mask=None, use_cache=True)
         with_mask = logits(attention_mask=torch.ones_like(mb.input_ids), use_cache=False)
-    torch.testing.assert_close(right, reference, atol=2e-6, rtol=1e-5)
+    assert_fp32_close(right, reference, N_TERMS, what="packed logits, no cache, no mask")
     first = slice(0, samples[0].length)  # the first sample sees nothing before it either way
-    torch.testing.assert_close(with_cache[first], reference[first], atol=2e-6, rtol=1e-5)
+    assert_fp32_close(with_cache[first], reference[first], N_TERMS, what="first sample, cache on")
     assert (with_cache - reference).abs().max() > 1e-2, "use_cache=True should leak across samples"
     assert (with_mask - reference).abs().max() > 1e-2, "a 2-D attention mask should leak across samples"
 
@@ -155,7 +171,8 @@ def test_use_cache_and_attention_mask_trap():
 def _token_logps(model, mb):
     hidden = forward_hidden(model, mb)  # [N, H]
     logits = hidden @ model.lm_head.weight.T  # [N, V]: fine at this size, the real loss is fused
-    return torch.log_softmax(logits.float(), -1).gather(1, mb.targets[:, None]).squeeze(1)  # [N]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 or more (the fp64 reference)
+    return torch.log_softmax(logits, -1).gather(1, mb.targets[:, None]).squeeze(1)  # [N]
 
 
 def _step(model, samples, mbs):
@@ -184,12 +201,16 @@ def test_packed_and_padded_give_same_logps_and_gradient(model, budget):
     assert sum(mb.meta["padding_tokens"] for mb in padded) > 0
     logp_packed, g_packed = _step(model, samples, packed)
     logp_padded, g_padded = _step(model, samples, padded)
-    assert logp_packed.keys() == logp_padded.keys() == set(range(len(samples)))
+    logp_ref, g_ref = _step(copy.deepcopy(model).double(), samples, [collate_packed([s]) for s in samples])
+    assert logp_packed.keys() == logp_padded.keys() == logp_ref.keys() == set(range(len(samples)))
     for uid in logp_packed:
         assert logp_packed[uid].shape == (len(samples[uid].completion_ids),)
-        torch.testing.assert_close(logp_packed[uid], logp_padded[uid], atol=2e-6, rtol=1e-5)
+        assert_fp32_close(logp_packed[uid], logp_ref[uid], N_TERMS, what=f"packed logps of {uid}")
+        assert_fp32_close(logp_padded[uid], logp_ref[uid], N_TERMS, what=f"padded logps of {uid}")
+    n_terms = max(N_TERMS, sum(s.length for s in samples))  # weight gradients also sum over every token
     for n in g_packed:
-        torch.testing.assert_close(g_packed[n], g_padded[n], atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+        assert_fp32_close(g_packed[n], g_ref[n], n_terms, what=f"packed grad {n}")
+        assert_fp32_close(g_padded[n], g_ref[n], n_terms, what=f"padded grad {n}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,15 +252,15 @@ def test_collate_padded_layout():
 
 def test_collate_rejects_bad_samples():
     s = make_samples([(2, 3), (2, 2)], logps=True)
-    s[1].ref_logps = None
+    s[1] = dataclasses.replace(s[1], ref_logps=None)
     with pytest.raises(ValueError, match="ref_logps"):
         collate_packed(s)
     s = make_samples([(2, 3)], logps=True)
-    s[0].old_logps = s[0].old_logps[:2]
+    s[0] = dataclasses.replace(s[0], old_logps=s[0].old_logps[:2])
     with pytest.raises(ValueError, match="old_logps has 2 entries, expected 3"):
         collate_packed(s)
     s = make_samples([(2, 3)])
-    s[0].prompt_ids = []
+    s[0] = dataclasses.replace(s[0], prompt_ids=[])
     with pytest.raises(ValueError, match="empty prompt"):
         collate_padded(s, PAD)
 

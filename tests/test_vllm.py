@@ -13,7 +13,8 @@ import torch
 
 from fastdash.config import Config
 from fastdash.rollout.base import Engine, SamplingParams
-from fastdash.rollout.vllm import inference_mismatch, vllm_available
+from fastdash.metrics import inference_mismatch
+from fastdash.rollout.vllm import vllm_available
 from tests.conftest import assert_well_formed
 
 REASON = vllm_available()

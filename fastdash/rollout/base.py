@@ -30,6 +30,9 @@ class SamplingParams:
 @runtime_checkable
 class Engine(Protocol):
     name: str
+    # Sequences decoded at once; the trainer halves it on an out-of-memory error and retries the call.
+    # None = all of a call's rows (HF), or an engine that schedules its own batch (vLLM: max_num_seqs).
+    max_batch_size: int | None
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
         """`n` completions per prompt, in order: [p0 x n, p1 x n, ...]."""

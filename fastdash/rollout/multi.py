@@ -15,6 +15,7 @@ from fastdash.rollout.base import SamplingParams
 
 class RoundRobinEngine:
     name = "round_robin"
+    max_batch_size = None  # vLLM schedules its own batch (max_num_seqs, from the plan)
 
     def __init__(self, engines: list):
         if not engines:

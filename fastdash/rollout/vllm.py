@@ -7,7 +7,7 @@ the old weights and would give old-policy samples and log-probs (measured: 0.45 
 
 Sampler log-probs use vLLM's `processed_logprobs` mode (after temperature, top-k and top-p), which is
 what the trainer computes (log_softmax(logits / T)) whenever top-k / top-p keep the sampled token's
-whole distribution; `inference_mismatch` compares the two and catches a sync that silently failed.
+whole distribution; `fastdash.metrics.inference_mismatch` compares the two and catches a sync that silently failed.
 
 Data parallel (`vllm_dp.make_vllm_engines`, vllm_data_parallel_size = H > 1): H engines, each with its core in
 its own process pinned to its GPUs (CPU: cores), round robin over them; weights go through one file.
@@ -51,32 +51,6 @@ def vllm_available() -> str | None:
     return None
 
 
-def inference_mismatch(trainer_logps: list[torch.Tensor], sampler_logps: list[list[float]]) -> dict:
-    """Train/inference mismatch on the step's tokens: |logp_trainer - logp_sampler| mean and max, and
-    the k3 estimate of KL(sampler || trainer) = E[exp(d) - 1 - d], d = logp_trainer - logp_sampler.
-
-    One entry per sample, same token count on both sides; samples whose sampler log-probs are None
-    (an engine that gives none) are skipped. A sync that silently failed shows up as a jump here.
-    """
-    if len(trainer_logps) != len(sampler_logps):
-        raise ValueError(f"inference_mismatch: {len(trainer_logps)} trainer samples vs "
-                         f"{len(sampler_logps)} sampler samples")
-    diffs = []
-    for i, (t, s) in enumerate(zip(trainer_logps, sampler_logps)):
-        if s is None:
-            continue
-        t = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
-        if t.numel() != len(s):
-            raise ValueError(f"inference_mismatch: sample {i} has {t.numel()} trainer log-probs and "
-                             f"{len(s)} sampler log-probs")
-        diffs.append(t - torch.tensor(s, dtype=torch.float64))
-    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64)
-    if d.numel() == 0:
-        return {"mismatch/tokens": 0}
-    return {"mismatch/logp_abs_mean": float(d.abs().mean()), "mismatch/logp_abs_max": float(d.abs().max()),
-            "mismatch/k3_kl": float((torch.expm1(d) - d).mean()), "mismatch/tokens": int(d.numel())}
-
-
 def _option(cfg, name: str, default):
     """vLLM knobs: a Config field when the config has one, else `extra.<name>`, else the default."""
     value = getattr(cfg, name, None)
@@ -87,6 +61,7 @@ def _option(cfg, name: str, default):
 
 class VLLMEngine:
     name = "vllm"
+    max_batch_size = None  # vLLM schedules its own batch (max_num_seqs, from the plan)
 
     def __init__(self, cfg, model, tokenizer, plan=None, *, devices: str | None = None,
                  own_process: bool = False, max_num_seqs: int | None = None, rank: int = 0,
