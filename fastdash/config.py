@@ -76,6 +76,9 @@ class Config:
     memory_budget: int | None = None  # bytes the scheduler may plan for on CPU (None = available RAM)
     generation_concurrency: int | str = "auto"  # sequences per engine batch (HF) / max_num_seqs (vLLM)
     gpu_memory_utilization: float | str = "auto"  # vLLM's share of the GPU when colocated
+    vllm_data_parallel_size: int = 1  # H vLLM engines behind a round robin (the paper's H inference servers)
+    vllm_tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    vllm_enforce_eager: bool = False  # CUDA: skip vLLM's CUDA-graph capture (faster start, slower decode)
     kernel: str = "auto"
     gradient_checkpointing: bool = False
     # --- optimiser ---
@@ -149,7 +152,7 @@ class Config:
             bad("num_generations", "group-relative advantages need at least 2 samples per prompt")
         if self.num_iterations > 0:
             self.preemptive_sampling  # raises, naming the key, when the batch sizes don't fit together
-        positive = ("micro_batch_size", "max_completion_length", "max_prompt_length", "num_iterations",
+        positive = ("vllm_data_parallel_size", "vllm_tensor_parallel_size", "micro_batch_size", "max_completion_length", "max_prompt_length", "num_iterations",
                     "num_eval_problems", "eval_batch_size", "max_nonfinite_steps", "num_eval_samples")
         for key in positive:
             if getattr(self, key) <= 0:

