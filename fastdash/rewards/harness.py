@@ -5,10 +5,11 @@ the standard library. Two processes, forked from the sandbox's init:
 
   - the judge (``evaluate``, trusted): forks the worker *before* it reads the tests, so the tests
     and the run's nonce never exist in the worker's memory; it reads them from a file descriptor
-    the worker closed, marks itself non-dumpable (no ptrace, no /proc/<pid>/mem or fd), runs each
+    the worker closed (both are non-dumpable: no ptrace, no /proc/<pid>/mem or fd), runs each
     test in its own namespace with pristine builtins, counts them, and only after the last test
     writes ``{"nonce", "loaded", "total", "ran", "passed"}`` to a pipe the worker never held;
-  - the worker (``_worker``, untrusted): runs the completion's code, then answers calls. The
+  - the worker (``_worker``, untrusted): runs the completion's code as module ``solution`` (so an
+    ``if __name__ == "__main__":`` block does not run), then answers calls. The
     completion's functions are ``Remote`` proxies in the judge: arguments go to the worker and
     results come back as data (``encode``/``decode``: exact builtin types only, rebuilt as the
     judge's own objects), never as objects the worker made. So a value whose ``__eq__`` always
@@ -22,6 +23,11 @@ numpy only), a standard-library object (``from math import isclose``) the judge'
 plain data its decoded value, anything else a ``Remote``. A ``Remote`` returned by a call (an
 instance of the completion's class, say) can be passed back to the completion; it equals only
 itself and has no truth value, so it never satisfies ``==`` or a bare ``assert``.
+
+Not supported (such a test fails even for honest code): passing a function the test defines to
+the completion, ``isinstance`` against the completion's classes, attributes of a completion
+object named like a stdlib module. Not prevented: code that returns the visible test's answer
+for its input, or reads expected values from a world-readable file (see code.py).
 """
 
 import builtins
