@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -11,7 +12,7 @@ from .reference import logprob_reference
 from .segment import _has_triton, broadcast_to_tokens
 
 # The one list of kernel backends (fastdash.config imports it for `kernel=`).
-BACKENDS = ("auto", "triton", "torch", "liger", "reference")
+BACKENDS = ("auto", "triton", "torch", "liger", "cce", "reference")
 
 
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
@@ -23,12 +24,24 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
 
 
 def _impl(backend: str):
-    """Module with logprob(...) and logprob_fwd_bwd(...) for 'torch' or 'triton'."""
+    """Module with logprob(...) (and, but for cce, logprob_fwd_bwd(...)) for torch, triton or cce."""
     if backend == "triton":
         if not _has_triton():
             raise ImportError("backend='triton' needs the triton package: pip install 'fastdash[triton]'")
         return importlib.import_module(".triton_logprob", __package__)
+    if backend == "cce":
+        return importlib.import_module(".cce", __package__)
     return importlib.import_module(".torch_backend", __package__)
+
+
+def _kernel_opts(backend: str, deterministic: bool, filter_eps) -> dict:
+    """Options only the Triton and CCE kernels take; elsewhere asking for filtering is an error."""
+    if filter_eps is not None and backend not in ("triton", "cce"):
+        raise ValueError(f"filter_eps (gradient filtering) is offered by backend='triton' and 'cce', "
+                         f"not {backend!r}; pass filter_eps=None")
+    if backend == "triton":
+        return dict(deterministic=deterministic, filter_eps=filter_eps)
+    return dict(filter_eps=filter_eps) if backend == "cce" else {}
 
 
 def _check_inputs(hidden, weight, targets, temperature):
@@ -40,12 +53,16 @@ def _check_inputs(hidden, weight, targets, temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def fused_linear_logprob(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto"):
+def fused_linear_logprob(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto",
+                         deterministic=True, filter_eps=None):
     """Per-token log-probs of ``targets`` under softmax(hidden @ weight.T / temperature).
 
     hidden [N, H], weight [V, H] (lm_head, no bias), targets [N] int. Returns logps [N] fp32 with
     autograd through hidden and weight, and with return_entropy a second [N] fp32 entropy tensor
-    (detached). backend: auto (triton on CUDA, else torch) | triton | torch | reference.
+    (detached). backend: auto (triton on CUDA, else torch) | triton | torch | cce | reference.
+    deterministic (triton): bit-identical dX/dW from run to run (fixed reduction order; the
+    default, and free unless a small vocabulary makes dW split its tokens). filter_eps (triton,
+    cce): skip gradient tiles whose softmax is provably below it (None = exact).
     """
     _check_inputs(hidden, weight, targets, temperature)
     b = resolve_backend(backend, hidden)
@@ -55,7 +72,8 @@ def fused_linear_logprob(hidden, weight, targets, *, temperature=1.0, return_ent
         logps, ent = logprob_reference(hidden, weight, targets, temperature)
         ent = ent.detach()
     else:
-        logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy)
+        logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy,
+                                      **_kernel_opts(b, deterministic, filter_eps))
     return (logps, ent) if return_entropy else logps
 
 
@@ -83,7 +101,7 @@ def _slice(t, lo, hi):
 def fused_policy_loss(
     hidden, weight, targets, cu_seqlens, advantages, *, token_weights, old_logps=None, ref_logps=None,
     epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0, return_entropy=False,
-    backend="auto", grad_in_forward=None,
+    backend="auto", grad_in_forward=None, deterministic=True, filter_eps=None,
 ) -> PolicyLossOutput:
     """PPO-clip policy loss (+ beta KL) on packed completion tokens, straight from hidden states.
 
@@ -95,7 +113,8 @@ def fused_policy_loss(
 
     grad_in_forward (default: on when grad is enabled and hidden or weight needs it, torch/triton
     backends): the loss is token-level, so dL/dlogp_t is known as soon as logp_t is; dX and dW are
-    then computed in the forward and backward only scales them.
+    then computed in the forward and backward only scales them. deterministic, filter_eps: as in
+    `fused_linear_logprob`.
     """
     _check_inputs(hidden, weight, targets, temperature)
     check_loss_args(token_weights, targets.shape[0], beta, ref_logps, kl_estimator, epsilon)
@@ -106,6 +125,7 @@ def fused_policy_loss(
         if t is not None and t.shape != targets.shape:
             raise ValueError(f"{name} must be [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
     b = resolve_backend(backend, hidden)
+    opts = _kernel_opts(b, deterministic, filter_eps)
     kw = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator)
     n = hidden.shape[0]
     adv_tok = broadcast_to_tokens(advantages.float(), cu_seqlens, n)  # [N], no padding
@@ -120,7 +140,7 @@ def fused_policy_loss(
 
     if grad_in_forward is None:
         grad_in_forward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if grad_in_forward and b != "reference":
+    if grad_in_forward and b in ("torch", "triton"):
         def grad_fn(lo, hi, lp):
             with torch.enable_grad():
                 lp = lp.detach().requires_grad_(True)
@@ -130,7 +150,8 @@ def fused_policy_loss(
                 (g,) = torch.autograd.grad(loss_c, lp)
             return loss_c.detach(), g
 
-        loss, logps, ent = _EagerLoss.apply(hidden, weight, _impl(b).logprob_fwd_bwd, targets, float(temperature),
+        fwd_bwd = functools.partial(_impl(b).logprob_fwd_bwd, **opts)
+        loss, logps, ent = _EagerLoss.apply(hidden, weight, fwd_bwd, targets, float(temperature),
                                             return_entropy, grad_fn)
         ent = ent if return_entropy else None
     else:
@@ -138,7 +159,7 @@ def fused_policy_loss(
             logps, ent = logprob_reference(hidden, weight, targets, temperature)
             ent = ent.detach() if return_entropy else None
         else:
-            logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy)
+            logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy, **opts)
         per_tok, _ = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, **kw)
         loss = (per_tok * tok_w).sum()
         logps = logps.detach()
