@@ -10,6 +10,7 @@ quickly, not only the score. Timeouts are short so the file runs in well under 3
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 
@@ -161,6 +162,24 @@ def test_write_outside_scratch_contained(where):
             os.remove(target)
     if where == "HERE" and CAPS.get("uid"):
         assert not res.passed  # a root-owned directory is read-only for the sandbox uid
+
+
+@pytest.mark.skipif(not CAPS.get("fs"), reason="no minimal root (pivot_root) here")
+def test_world_readable_user_files_are_hidden():
+    # e.g. a dataset file holding the expected answers, next to the project
+    path = os.path.join(os.getcwd(), f"fastdash-answers-{uuid.uuid4().hex}.jsonl")
+    with open(path, "w") as f:
+        f.write("42\n")
+    os.chmod(path, 0o644)
+    try:
+        res = run_sandboxed(f"print(open({path!r}).read())\n", timeout_s=3.0)
+        assert not res.passed and "No such file" in res.output, res.output
+    finally:
+        os.remove(path)
+    res = run_sandboxed("import os\nprint(sorted(os.listdir('/')))\n")
+    assert res.passed and set(eval(res.output)) <= {
+        "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc", "tmp", "var",
+        *(p.split("/")[1] for p in (sys.prefix, sys.base_prefix, sys.executable))}, res.output
 
 
 def test_scratch_dir_is_writable_and_removed():

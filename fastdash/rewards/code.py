@@ -16,10 +16,13 @@ Each run (``run_sandboxed``):
   - a bootstrap (``_BOOT``) that, before running the code:
       * as root: ``unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID)`` via libc. New network
         namespace = no interfaces but a down loopback, so every connect fails (also 127.0.0.1).
-        Private tmpfs over /tmp, /var/tmp and /dev/shm (the scratch dir is bind-mounted back at
-        its own path), so writes there vanish with the sandbox. Closed ancestors of the
-        interpreter (e.g. /root, mode 700, under a pyenv install) are replaced by a tmpfs that
-        exposes only the interpreter's directory, which also hides the rest of /root. A new pid
+        A minimal root (``pivot_root`` into a tmpfs, ``iso["fs"]``): only /usr, /etc, /bin,
+        /lib*, the interpreter's directories (read-only), /dev/null & co, private tmpfs /tmp,
+        /var/tmp and /dev/shm and the scratch dir (at its own path), so the code cannot read
+        the user's files (a dataset with the expected answers), and writes vanish with the
+        sandbox. Where pivot_root fails: the host's tree with the private tmpfs dirs, and closed
+        ancestors of the interpreter (e.g. /root, mode 700, under a pyenv install) replaced by a
+        tmpfs that exposes only the interpreter's directory. A new pid
         namespace (plus a fresh /proc): when the sandbox's init exits, the kernel kills every
         process left in it, whatever setsid() or double forks the code did;
       * not root: tries the same in a new user namespace; if that is refused, runs without it;
@@ -38,7 +41,8 @@ Each run (``run_sandboxed``):
   - stdout+stderr read through a pipe up to ``max_output_bytes``; past it the run is killed and
     scores 0, so a flood of output never stalls the trainer.
 
-What is NOT contained: reads of world-readable files (the code runs with "other" permissions);
+What is NOT contained: reads of world-readable files under the system and interpreter
+directories (and, without the minimal root, anywhere: the code runs with "other" permissions);
 without root (and without user namespaces) the code runs as the calling user, so it can write
 wherever that user can, and only the audit hook stands between it and the network; without a pid
 namespace it can also reach the trainer's process, so the judge's verdict is only as safe as
@@ -271,12 +275,13 @@ def _log_caps_once(iso: dict) -> None:
     global _caps_logged
     if not _caps_logged and iso:
         _caps_logged = True
-        missing = [k for k in ("net", "mount", "pid", "uid", "nproc") if not iso.get(k)]
+        missing = [k for k in ("net", "mount", "fs", "pid", "uid", "nproc") if not iso.get(k)]
         if missing:
             logger.warning("code sandbox: running without %s isolation (%s)", ", ".join(missing),
                            "; ".join(iso.get("errors", [])) or "not permitted here")
         else:
-            logger.info("code sandbox: net, mount, pid namespaces, unprivileged uid and rlimits active")
+            logger.info("code sandbox: net, mount, pid namespaces, minimal root, unprivileged uid "
+                        "and rlimits active")
 
 
 def run_code_tests(

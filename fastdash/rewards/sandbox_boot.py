@@ -11,9 +11,10 @@ with open(cfg["prog"], encoding="utf-8") as f:
 scratch = cfg["scratch"]
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWPID, NEWNET, NEWUSER = 0x00020000, 0x20000000, 0x40000000, 0x10000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 iso = {"root": os.geteuid() == 0, "net": False, "mount": False, "pid": False, "uid": False,
-       "nproc": False, "errors": []}
+       "nproc": False, "fs": False, "errors": []}
 
 def mount(source, target, fstype, flags, data):
     enc = lambda s: None if s is None else s.encode()
@@ -38,6 +39,51 @@ def expose(path):
         mount("/proc/self/fd/%d" % fd, cur, None, MS_BIND | MS_REC, None)
         os.close(fd)
 
+SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
+
+def minimal_root(sfd):
+    # A new root holding only the system directories, the interpreter's (read-only), a few
+    # devices, private /tmp and the scratch dir, so the code cannot read the user's data
+    # (a dataset with the expected answers, say) even where it is world-readable.
+    if PIVOT_ROOT is None:
+        raise OSError("pivot_root: unknown syscall number on %s" % os.uname().machine)
+    new = "/tmp/.fastdash-root"
+    os.mkdir(new)
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=755" % cfg["tmpfs_mb"])
+    done = []
+    for p in sorted(set(SYSTEM) | set(cfg["expose"]), key=len):
+        if any(p == d or p.startswith(d + "/") for d in done) or not os.path.lexists(p):
+            continue
+        if os.path.islink(p):  # /bin -> usr/bin
+            os.makedirs(os.path.dirname(new + p), exist_ok=True)
+            os.symlink(os.readlink(p), new + p)
+            continue
+        os.makedirs(new + p)
+        mount(p, new + p, None, MS_BIND | MS_REC, None)
+        try:
+            mount(None, new + p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, None)
+        except OSError:
+            pass  # in a user namespace a locked mount may refuse; its files stay root's anyway
+        done.append(p)
+    os.makedirs(new + "/dev")
+    for d in ("null", "zero", "full", "random", "urandom"):
+        open(new + "/dev/" + d, "w").close()
+        mount("/dev/" + d, new + "/dev/" + d, None, MS_BIND, None)
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        os.makedirs(new + d)
+        mount("tmpfs", new + d, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=1777" % cfg["tmpfs_mb"])
+    os.makedirs(new + scratch)
+    mount("/proc/self/fd/%d" % sfd, new + scratch, None, MS_BIND, None)
+    os.makedirs(new + "/proc")
+    os.mkdir(new + "/.old")
+    if libc.syscall(PIVOT_ROOT, new.encode(), (new + "/.old").encode()) != 0:
+        raise OSError(ctypes.get_errno(), "pivot_root: " + os.strerror(ctypes.get_errno()))
+    os.chdir("/")
+    if libc.umount2(b"/.old", 2) != 0:  # MNT_DETACH
+        raise OSError(ctypes.get_errno(), "umount old root")
+    os.rmdir("/.old")
+
 if cfg["isolate"]:
     if iso["root"]:
         for flag, key in ((NEWNET, "net"), (NEWNS, "mount"), (NEWPID, "pid")):
@@ -55,10 +101,16 @@ if cfg["isolate"]:
             for d in ("/tmp", "/var/tmp", "/dev/shm"):
                 if os.path.isdir(d):
                     mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=1777" % cfg["tmpfs_mb"])
+            try:
+                minimal_root(sfd)
+                iso["fs"] = True
+            except OSError as e:  # keep the host's tree, with the private /tmp and hidden /root
+                iso["errors"].append("minimal root: %s" % e)
             os.makedirs(scratch, exist_ok=True)
-            mount("/proc/self/fd/%d" % sfd, scratch, None, MS_BIND, None)
+            if not iso["fs"]:
+                mount("/proc/self/fd/%d" % sfd, scratch, None, MS_BIND, None)
             os.close(sfd)
-            if iso["root"]:
+            if iso["root"] and not iso["fs"]:
                 # a path under a now-hidden /tmp (a venv there, say) is gone: the code needs only the
                 # stdlib, which lives under the base prefix
                 cfg["expose"] = [p for p in cfg["expose"] if os.path.exists(p)]
