@@ -141,6 +141,8 @@ EQUAL_TO_ANYTHING = {
     "eq returns NotImplemented": "class N:\n    def __eq__(self, o): return NotImplemented\n"
                                  "def add(a, b):\n    return N()\n",
     "truthy object": "class T:\n    def __bool__(self): return True\ndef add(a, b):\n    return T()\n",
+    "unittest.mock.ANY": "from unittest.mock import ANY\nadd = type(ANY)\n",  # add() == 3
+    "mock returning ANY": "from unittest import mock\nadd = mock.MagicMock(return_value=mock.ANY)\n",
     "int.__eq__ patched": (
         "import gc\n"
         "def add(a, b):\n    return a - b\n"
@@ -153,6 +155,7 @@ EQUAL_TO_ANYTHING = {
 @pytest.mark.parametrize("name", list(EQUAL_TO_ANYTHING))
 def test_values_equal_to_anything_score_zero(name):
     assert score(EQUAL_TO_ANYTHING[name]) == 0.0
+    assert score(EQUAL_TO_ANYTHING[name], ["assert add() == 3"]) == 0.0
 
 
 def test_bare_truth_tests_need_a_real_value():

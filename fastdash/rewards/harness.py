@@ -19,13 +19,14 @@ the standard library. Two processes, forked from the sandbox's init:
 
 What the judge binds for the tests (names the completion defines, except builtins and dunders):
 a module under its own name (``import math``) is the judge's import of it (standard library or
-numpy only), a standard-library object (``from math import isclose``) the judge's own object,
+numpy only), an object of a common module (``from math import isclose``, ``_OBJ_OK``) the
+judge's own object,
 plain data its decoded value, anything else a ``Remote``. A ``Remote`` returned by a call (an
 instance of the completion's class, say) can be passed back to the completion; it equals only
 itself and has no truth value, so it never satisfies ``==`` or a bare ``assert``.
 
-Not supported (such a test fails even for honest code): passing a function the test defines to
-the completion, ``isinstance`` against the completion's classes, attributes of a completion
+Not supported (such a test fails even for honest code): a completion function named like a
+builtin (the tests see the builtin), passing a function the test defines to the completion, ``isinstance`` against the completion's classes, attributes of a completion
 object named like a stdlib module. Not prevented: code that returns the visible test's answer
 for its input, or reads expected values from a world-readable file (see code.py).
 """
@@ -43,6 +44,13 @@ if __name__ != "fastdash_harness":  # in the sandbox BOOT exec'd sandbox_codec.p
 
 MAX_LINE = 64 * 1024 * 1024  # bytes of one message
 _STD_OK = set(sys.stdlib_module_names) | {"numpy"}
+# modules whose objects (functions, classes) the judge binds itself when the code imported them by
+# name: the usual tools of a solution, none of which makes values that equal anything
+# (unittest.mock.ANY and test.support.ALWAYS_EQ do, so "any stdlib object" would be a hole)
+_OBJ_OK = {"builtins", "math", "cmath", "collections", "_collections", "itertools", "functools",
+           "_functools", "operator", "_operator", "heapq", "_heapq", "bisect", "_bisect", "re",
+           "string", "statistics", "decimal", "_decimal", "fractions", "random", "datetime",
+           "copy", "array", "numpy"}
 
 
 class RemoteError(Exception):
@@ -72,7 +80,7 @@ def _describe(ns, other):
             out[name] = ["mod", v.__name__]
             continue
         mod, qual = getattr(v, "__module__", None), getattr(v, "__qualname__", None)
-        if isinstance(mod, str) and isinstance(qual, str) and mod.split(".")[0] in _STD_OK:
+        if isinstance(mod, str) and isinstance(qual, str) and mod.split(".")[0] in _OBJ_OK:
             try:
                 if _resolve(mod, qual) is v:
                     out[name] = ["obj", mod, qual]
@@ -252,7 +260,7 @@ def _bind(names, conn):
                 ns[name] = importlib.import_module(name)
             elif d[0] == "mod" and str(d[1]).split(".")[0] in _STD_OK:
                 ns[name] = importlib.import_module(str(d[1]))
-            elif d[0] == "obj" and str(d[1]).split(".")[0] in _STD_OK:
+            elif d[0] == "obj" and str(d[1]).split(".")[0] in _OBJ_OK:
                 ns[name] = _resolve(str(d[1]), str(d[2]))
             elif d[0] == "val":
                 ns[name] = decode(d[1], _no_refs)
