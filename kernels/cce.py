@@ -15,12 +15,16 @@ from __future__ import annotations
 import torch
 
 
-def _load_cce():
+def _load_cce(hidden):
+    """CCE's linear_cross_entropy, or a clear error (not installed, or not on CUDA)."""
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as e:
         raise ImportError("backend='cce' needs cut-cross-entropy: pip install cut-cross-entropy "
                           "(or fastdash[bench])") from e
+    if not hidden.is_cuda:
+        raise ValueError("backend='cce' needs CUDA tensors: cut-cross-entropy's Triton kernels do not run on "
+                         "CPU (use kernel=torch or kernel=triton there)")
     return linear_cross_entropy
 
 
@@ -29,10 +33,7 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, filt
 
     filter_eps: CCE's gradient filter (None = exact, or a float / 'auto' / 'high' as CCE takes it).
     The entropy, when asked for, comes from one extra no-grad pass of the chunked torch backend."""
-    lce = _load_cce()
-    if not hidden.is_cuda:
-        raise ValueError("backend='cce' needs CUDA tensors: cut-cross-entropy's Triton kernels do not run on "
-                         "CPU (use kernel=torch or kernel=triton there)")
+    lce = _load_cce(hidden)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"backend='cce': hidden and weight dtypes must match, got {hidden.dtype} and {weight.dtype}")
     e = hidden / temperature if temperature != 1.0 else hidden

@@ -140,8 +140,10 @@ def dw_split(n_mt, v, h, device) -> int:
 
 
 def logprob_backward(hidden, weight, targets, lse, g, temperature, *, tile_max=None, filter_eps=None,
-                     deterministic=True):
-    """-> dX [N, H] (hidden dtype), dW [V, H] (weight dtype) for upstream dL/dlogp = g."""
+                     deterministic=True, stats=None):
+    """-> dX [N, H] (hidden dtype), dW [V, H] (weight dtype) for upstream dL/dlogp = g.
+
+    stats: a dict to receive 'tiles' and 'skipped_tiles' counts (a host sync; tests and benchmarks)."""
     hidden, weight = hidden.contiguous(), weight.contiguous()
     n, h = hidden.shape
     v = weight.shape[0]
@@ -169,6 +171,9 @@ def logprob_backward(hidden, weight, targets, lse, g, temperature, *, tile_max=N
         _dx_kernel[grid_dx](dz, weight, flags, dx, lo, rows, v, h, weight.stride(0), n_vt, **blocks,
                             **_dx_kernel.fixed_meta)
         _dw_accumulate(dz, hidden, flags, dw, lo, rows, n_mt, n_vt, deterministic, blocks)
+        if stats is not None:
+            stats["tiles"] = stats.get("tiles", 0) + n_mt * n_vt
+            stats["skipped_tiles"] = stats.get("skipped_tiles", 0) + int(flags[:n_mt].sum())
     return dx, dw.to(weight.dtype)
 
 

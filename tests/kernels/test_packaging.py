@@ -15,7 +15,8 @@ def test_wheel_contains_fastdash_kernels(tmp_path):
     )
     (wheel,) = tmp_path.glob("fastdash-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for mod in ("__init__", "api", "loss", "reference", "torch_backend", "triton_logprob", "segment", "liger"):
+    for mod in ("__init__", "api", "loss", "reference", "torch_backend", "triton_logprob", "triton_backward",
+                "triton_tiles", "segment", "liger", "cce"):
         assert f"fastdash_kernels/{mod}.py" in names, sorted(n for n in names if "kernels" in n)
     assert not any(n.startswith("kernels/") for n in names)
 
