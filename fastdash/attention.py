@@ -126,7 +126,9 @@ def register_varlen_attention() -> None:
 
     AttentionInterface.register(VARLEN_IMPL, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_IMPL, varlen_mask)
-    assert VARLEN_IMPL in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    if VARLEN_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS:  # the mask registry's public mapping interface
+        raise RuntimeError(f"transformers did not register the {VARLEN_IMPL!r} attention mask; this transformers "
+                           "version's AttentionMaskInterface differs from the one fastdash was written for")
     _registered = True
 
 

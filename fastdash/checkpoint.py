@@ -181,9 +181,7 @@ def check_output_dir(cfg, out: Path) -> None:
 def resume_if_asked(cfg, run, trainer, out: Path) -> Path | None:
     """Load the checkpoint `cfg.resume` names: `auto` = the newest complete one in `out` that can be
     read (a corrupt one is skipped with a warning); a checkpoint directory; or a run directory (its
-    newest). Without resume, `out` must hold no checkpoints: mixing two runs' checkpoints would let
-    a later resume=auto pick the wrong one."""
-    check_output_dir(cfg, out)
+    newest). `check_output_dir` (called first, before the model is built) guards a run without resume."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
@@ -200,15 +198,14 @@ def resume_if_asked(cfg, run, trainer, out: Path) -> Path | None:
         if not candidates:
             raise ValueError(f"resume={cfg.resume!r} is not a complete fastdash checkpoint (no {MARKER} marker; "
                              "it may be half-written) and holds none; pass another or resume=auto")
-    for i, path in enumerate(candidates):
+    for path in candidates[:-1]:  # resume=auto only: older checkpoints stand in for an unreadable one
         try:
             load_checkpoint(cfg, run, trainer, path)
             return path
         except UnreadableCheckpoint as e:
-            if cfg.resume != "auto" or i == len(candidates) - 1:
-                raise
             log.warning("%s; trying the previous checkpoint", e)
-    raise AssertionError("unreachable")
+    load_checkpoint(cfg, run, trainer, candidates[-1])  # the last candidate's error is the user's to see
+    return candidates[-1]
 
 
 def _read(path: Path) -> tuple[dict, dict]:

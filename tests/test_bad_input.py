@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import fastdash.memory
 import fastdash.trainer as trainer_mod
 from fastdash.batch import Completion
-from fastdash.checkpoint import MARKER, load_checkpoint, resume_if_asked, save_checkpoint
+from fastdash.checkpoint import MARKER, check_output_dir, load_checkpoint, resume_if_asked, save_checkpoint
 from fastdash.runtime import build_run
 from fastdash.train import TrainingInterrupted, main, run_training
 from fastdash.trainer import Trainer
@@ -243,6 +243,7 @@ def test_kill_while_replacing_a_checkpoint_is_recovered(saved, tmp_path):
     path.rename(tmp_path / ".checkpoint-1.old-999")  # a re-save killed between its two renames
     (tmp_path / ".checkpoint-1.tmp-999").mkdir()  # next to a half-written replacement
     cfg, run = make(resume="auto", output_dir=str(tmp_path))
+    check_output_dir(cfg, tmp_path)  # what a run does first: tidy what the killed save left
     assert resume_if_asked(cfg, run, Trainer(cfg, run), tmp_path) == tmp_path / "checkpoint-1"
     assert run.state.step == 1 and not list(tmp_path.glob(".checkpoint-*"))
 
@@ -251,10 +252,10 @@ def test_new_run_refuses_a_directory_with_checkpoints(saved, tmp_path):
     _, make = saved
     cfg, run = make()
     with pytest.raises(ValueError, match="already holds checkpoints.*resume=auto"):
-        resume_if_asked(cfg, run, Trainer(cfg, run), tmp_path)
+        check_output_dir(cfg, tmp_path)
     cfg, run = make(resume="auto")
     with pytest.raises(ValueError, match="resume=auto needs output_dir"):
-        resume_if_asked(cfg, run, Trainer(cfg, run), tmp_path)
+        check_output_dir(cfg, tmp_path)
 
 
 # ---------------------------------------------------------------- whole runs --------------------------
