@@ -97,11 +97,14 @@ def test_codec_round_trip_is_exact():
 
     values = [None, True, 0, -1, 2 ** 100, -(2 ** 70), 0.1, -0.0, float("inf"), "é\ud800", b"\x00",
               bytearray(b"ab"), 1 + 2j, (1, [2, {3: (4,)}]), {1, 2}, frozenset({"a"}), range(1, 9, 2),
-              Ellipsis, {"k": [1.5, None]}]
+              Ellipsis, {"k": [1.5, None]}, [True, 1, 1.0, "1", None], [1, 2 ** 70, "a"], (0.5, -0.0),
+              {1, 2.5, "x"}, list(range(1000))]
     for v in values:
         j = encode(v, no)
         back = decode(json.loads(json.dumps(j)), no)
         assert type(back) is type(v) and repr(back) == repr(v), v
+        if isinstance(v, list):  # element types too (True is not 1)
+            assert list(map(type, back)) == list(map(type, v))
     nan = decode(encode(float("nan"), no), no)
     assert nan != nan
     for bad in (["zz", 1], ["f", "1e999x"], ["i", 12], ["c", "a", 1.0], {"x": 1}, ["r", 1, 2, "3"]):

@@ -26,6 +26,8 @@ def encode(x, other, depth=0):
         raise ValueError("value nested too deeply to transfer")
     d = depth + 1
     if t in _SEQ_TAGS:
+        if x and _plain_scalars(x):  # fast path: the elements go as raw JSON
+            return [_SEQ_TAGS[t].upper(), list(x)]
         return [_SEQ_TAGS[t], [encode(v, other, d) for v in x]]
     if t is dict:
         return ["d", [[encode(k, other, d), encode(v, other, d)] for k, v in x.items()]]
@@ -42,6 +44,22 @@ def encode(x, other, depth=0):
 
 _SEQ_TAGS = {list: "l", tuple: "t", set: "s", frozenset: "fs"}
 _SEQ_TYPES = {v: k for k, v in _SEQ_TAGS.items()}
+_RAW_TYPES = {v.upper(): k for k, v in _SEQ_TAGS.items()}
+_SCALARS = {type(None), bool, int, float, str}
+
+
+def _plain_scalars(x):
+    """Every element a JSON scalar that round-trips exactly (checked at C speed, mostly)."""
+    kinds = set(map(type, x))
+    if not kinds <= _SCALARS:
+        return False
+    if int in kinds:
+        ints = x if len(kinds) == 1 else [v for v in x if type(v) is int]
+        if not (-(1 << 62) < min(ints) and max(ints) < (1 << 62)):
+            return False
+    if float in kinds:
+        return all(map(math.isfinite, x if len(kinds) == 1 else [v for v in x if type(v) is float]))
+    return True
 _FLOATS = {"nan", "inf", "-inf"}
 _FACTORIES = {"int": int, "float": float, "str": str, "list": list, "set": set, "dict": dict,
               "tuple": tuple, "None": None}
@@ -56,6 +74,8 @@ def decode(j, ref, depth=0):
     tag, d = j[0], depth + 1
     if tag in _SEQ_TYPES:
         return _SEQ_TYPES[tag](decode(v, ref, d) for v in j[1])
+    if tag in _RAW_TYPES and type(j[1]) is list:  # raw JSON: plain builtin values whatever it holds
+        return _RAW_TYPES[tag](j[1])
     if tag == "d":
         return {decode(k, ref, d): decode(v, ref, d) for k, v in j[1]}
     if tag == "i" and type(j[1]) is str and len(j[1]) < 1_000_000:
