@@ -1,8 +1,9 @@
 """The sandbox bootstrap: runs in the child interpreter before the untrusted code (see code.py)."""
 
 # Bootstrap run by the sandbox interpreter. argv[1] is a JSON config; fd cfg["info_fd"] gets one
-# JSON line saying which isolations took effect. With cfg["harness"] (sandbox_codec.py and harness.py, compiled) the
-# code is not run as a program: the judge in harness.py loads it in a worker and runs the tests.
+# JSON line saying which isolations took effect. With cfg["harness"] (sandbox_codec.py and
+# harness.py, compiled) the code is not run as a program: the judge in harness.py loads it in a
+# worker and runs the tests.
 BOOT = r'''
 import ctypes, json, os, resource, signal, sys
 cfg = json.loads(sys.argv[1])
