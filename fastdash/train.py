@@ -86,7 +86,7 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     from tqdm.auto import tqdm
 
     from fastdash.checkpoint import check_output_dir, resume_if_asked, save_checkpoint, save_final
-    from fastdash.evaluate import evaluate
+    from fastdash.evaluate import evaluate, pass_keys
     from fastdash.metrics import PHASES, MetricsLog, plot_run
     from fastdash.runtime import build_run
     from fastdash.trainer import Trainer
@@ -169,6 +169,9 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
         "eval/accuracy_after": after["eval/accuracy_greedy"],
         "eval/accuracy_sampled_before": before.get("eval/accuracy_sampled"),
         "eval/accuracy_sampled_after": after.get("eval/accuracy_sampled"),
+        **{f"{key}_{when}": e.get(key) for key in pass_keys(cfg)
+           for when, e in (("before", before), ("after", after))},
+        "eval/num_eval_samples": cfg.num_eval_samples if cfg.eval_sampled else None,
         "eval/problems": len(run.eval_problems), "samples": run.state.samples, "optimizer_steps": run.state.step,
         "time/total_s": time.perf_counter() - t_start, "time/train_s": train_s, "time/eval_s": eval_s, **totals,
         "counters": run.state.counters, "resumed_from": str(resumed_from) if resumed_from else None,
@@ -182,8 +185,9 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
 def report(summary: dict, out: Path) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     rows = [("held-out accuracy, greedy", f"{fmt(summary['eval/accuracy_before'])} -> {fmt(summary['eval/accuracy_after'])}"),
-            ("held-out accuracy, sampled", f"{fmt(summary['eval/accuracy_sampled_before'])} -> "
-                                           f"{fmt(summary['eval/accuracy_sampled_after'])}"),
+            *[(f"held-out {key[5:]}, {summary['eval/num_eval_samples']} samples per problem",
+               f"{fmt(summary[key + '_before'])} -> {fmt(summary[key + '_after'])}")
+              for key in (k[:-7] for k in summary if k.startswith("eval/pass@") and k.endswith("_before"))],
             ("held-out problems", str(summary["eval/problems"])),
             ("samples seen", str(summary["samples"])), ("optimizer steps", str(summary["optimizer_steps"]))]
     rows += [(k.replace("time/", "time ").replace("_s", " (s)"), f"{v:.1f}") for k, v in summary.items()
