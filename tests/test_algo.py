@@ -8,15 +8,18 @@ import pytest
 import torch
 
 from fastdash.algo import gradient_filter, group_advantages, loss_normaliser
+from tests.numerics import assert_fp32_close
 
 
 def test_group_advantages_std_scaled_like_the_paper():
-    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
-    a = group_advantages(r, 4, "group")
-    g1 = torch.tensor([1.0, 0, 0, 0])
-    expected1 = (g1 - 0.25) / (math.sqrt(sum((x - 0.25) ** 2 for x in g1.tolist()) / 3) + 1e-4)
-    assert torch.allclose(a[:4], expected1, atol=1e-6)
-    assert torch.allclose(a[4:], torch.tensor([0.5, 0.5, -0.5, -0.5]) / (math.sqrt(1 / 3) + 1e-4), atol=1e-6)
+    r = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    a = group_advantages(torch.tensor(r), 4, "group")
+    expected = []  # by hand in float64: (r - mean) / (unbiased std + 1e-4), per group of 4
+    for g in (r[:4], r[4:]):
+        mean = sum(g) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in g) / 3)
+        expected += [(x - mean) / (std + 1e-4) for x in g]
+    assert_fp32_close(a, torch.tensor(expected, dtype=torch.float64), n_terms=4, what="group advantages")
 
 
 def test_unscaled_advantages_are_centred_rewards():
