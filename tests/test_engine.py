@@ -1,7 +1,11 @@
-"""The HF generate engine: order, EOS / truncation, left padding, seeds, forced lengths."""
+"""The HF engine: order, EOS / truncation, left padding, seeds, forced lengths, log-probs, and the
+bf16 generation copy of fp32 master weights."""
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from fastdash.models import char_tokenizer, random_model
 from fastdash.rollout.base import Engine, SamplingParams
@@ -71,3 +75,60 @@ def test_max_batch_size_chunks_give_the_same_greedy_result(engine):
 def test_forced_lengths_count_is_checked(engine):
     with pytest.raises(ValueError, match="forced_lengths"):
         engine.generate([[4, 5]], 2, SamplingParams(max_tokens=4, forced_lengths=(1,)))
+
+
+def test_sampler_logps_come_with_every_completion(engine):
+    out = engine.generate([_ids(engine, "1+2=")], 3, SamplingParams(max_tokens=5, seed=0))
+    assert all(len(c.sampler_logps) == len(c.completion_ids) and max(c.sampler_logps) <= 0 for c in out)
+
+
+def _greedy(engine, prompts):
+    return [c.completion_ids for c in engine.generate(prompts, 1, SamplingParams(max_tokens=6, greedy=True))]
+
+
+def test_same_dtype_shares_the_model():
+    tok = char_tokenizer()
+    model = random_model("tiny", vocab_size=len(tok), seed=4)
+    for dtype in (None, torch.float32):
+        engine = HFEngine(model, tok, dtype=dtype)
+        assert engine.model is model
+        engine.sync_weights(model)  # free
+
+
+@torch.no_grad()
+def test_bf16_generation_copy_follows_the_fp32_trainer_after_sync():
+    """fp32 master weights, bf16 generation: the engine's own copy is bf16, tied, gradient-free, and
+    after sync_weights generates what a fresh bf16 cast of the trained weights generates."""
+    tok = char_tokenizer()
+    model = random_model("tiny", vocab_size=len(tok), seed=4)
+    engine = HFEngine(model, tok, dtype=torch.bfloat16)
+    twin = engine.model
+    assert twin is not model and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in twin.parameters())
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight  # tied weights stay one tensor
+    assert twin.model.rotary_emb.inv_freq.dtype == torch.float32
+    ptrs = [p.data_ptr() for p in twin.parameters()]
+    prompts = [_ids(engine, t) for t in ("1+2=", "345+678=", "9=")]
+    before = _greedy(engine, prompts)
+
+    torch.manual_seed(0)
+    for p in model.parameters():  # a large "training" step on the fp32 master weights
+        p.add_(torch.randn_like(p) * 0.5)
+    assert _greedy(engine, prompts) == before  # not synced yet: still the old weights
+    engine.sync_weights(model)
+    assert [p.data_ptr() for p in twin.parameters()] == ptrs and twin.lm_head.weight is twin.model.embed_tokens.weight
+    for (name, mine), theirs in zip(twin.named_parameters(), model.parameters()):
+        assert torch.equal(mine, theirs.to(torch.bfloat16)), name
+    fresh = HFEngine(copy.deepcopy(model).to(torch.bfloat16), tok)
+    after = _greedy(engine, prompts)
+    assert after == _greedy(fresh, prompts) and after != before
+
+
+def test_make_engine_passes_the_compute_dtype():
+    from fastdash.config import Config
+    from fastdash.rollout import make_engine
+
+    tok = char_tokenizer()
+    model = random_model("tiny", vocab_size=len(tok), seed=4)
+    engine = make_engine(Config(engine="hf"), model, tok, compute_dtype=torch.bfloat16)
+    assert engine.model is not model and next(engine.model.parameters()).dtype == torch.bfloat16
+    assert make_engine(Config(engine="hf"), model, tok).model is model

@@ -48,3 +48,16 @@ class Engine(Protocol):
 
     def wake(self) -> None:
         ...
+
+
+def eos_ids_of(model, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a completion: the tokenizer's EOS first, then generation_config's (an int or
+    a list: Qwen2.5-Instruct has two)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(gen) if isinstance(gen, (list, tuple)) else [gen]
+    out = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+    if not out:
+        raise ValueError("neither the tokenizer nor the model's generation_config has an eos_token_id; "
+                         "set tokenizer.eos_token so completions can stop")
+    return out

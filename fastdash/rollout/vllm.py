@@ -26,7 +26,7 @@ import torch
 
 from fastdash.batch import Completion
 from fastdash.memory import kv_bytes_per_token
-from fastdash.rollout.base import SamplingParams
+from fastdash.rollout.base import SamplingParams, eos_ids_of
 
 log = logging.getLogger("fastdash")
 
@@ -67,9 +67,8 @@ class VLLMEngine:
         if reason is not None:
             raise RuntimeError(f"vLLM cannot be used: {reason}; {INSTALL_HINT}")
         self.model = model
-        self.eos_id = tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise ValueError("the tokenizer has no eos_token_id; vLLM needs one to stop completions")
+        self.eos_ids = eos_ids_of(model, tokenizer)  # every id that stops (generation_config may list several)
+        self.eos_id = self.eos_ids[0]  # the one a forced length emits
         param = next(model.parameters())
         self.on_cuda = param.device.type == "cuda"
         # the compute dtype: the trainer's weights are fp32 masters, vLLM casts them in on each sync
@@ -206,7 +205,7 @@ class VLLMEngine:
             sampling = dict(temperature=0.0)
         else:
             sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        kwargs = dict(n=n, max_tokens=params.max_tokens, seed=seed, logprobs=0, stop_token_ids=[self.eos_id],
+        kwargs = dict(n=n, max_tokens=params.max_tokens, seed=seed, logprobs=0, stop_token_ids=list(self.eos_ids),
                       detokenize=False, **sampling)
         kwargs.update(extra)
         return VSP(**kwargs)
@@ -252,7 +251,7 @@ class VLLMEngine:
     def _completion(self, prompt: list[int], output) -> Completion:
         ids = list(output.token_ids)
         logps = self._logps(output)
-        if output.finish_reason == "stop" and ids and ids[-1] == self.eos_id:
+        if output.finish_reason == "stop" and ids and ids[-1] in self.eos_ids:
             return Completion(list(prompt), ids, truncated=False, sampler_logps=logps)
         # finish_reason "length": no EOS within max_tokens, exactly what HF calls truncated
         return Completion(list(prompt), ids, truncated=True, sampler_logps=logps)
