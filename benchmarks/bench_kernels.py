@@ -4,8 +4,13 @@
     pytest benchmarks/bench_kernels.py --benchmark-only -k cuda    # GPU: Qwen2.5 lm_head shapes
 
 extra_info per run: tokens/s, achieved TFLOP/s counted against the 6NHV floor (the least work any
-fwd + bwd can do), that as a fraction of the device's dense bf16 peak, and on CUDA the peak memory
-above the inputs (the [N, V] logits a backend allocates show up here).
+fwd + bwd can do without skipping), that as a fraction of the device's dense bf16 peak, the floor
+measured in the same run as cuBLAS GEMMs of the same shapes (z = X W^T, dX = dZ W, dW = dZ^T X) and
+the run's time over it, the cost model's prediction (kernels/COST_MODEL.md), and on CUDA the peak
+memory above the inputs (the [N, V] logits a backend allocates show up here).
+
+Backends: triton (deterministic, the default), triton-nondet, triton-filter (filter_eps = 2^-12, on
+peaked logits, where skipping fires; on random heads it never does), torch, liger, cce, reference.
 """
 
 from __future__ import annotations
@@ -13,47 +18,94 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdash_kernels import fused_policy_loss
+from devices import peak_bf16_tflops
+from fastdash.models import PRESETS, QWEN_VOCAB
+from fastdash_kernels import cost_model, fused_policy_loss
 
 CUDA = torch.cuda.is_available()
-QWEN_HEADS = {"qwen2.5-0.5b": 896, "qwen2.5-1.5b": 1536, "qwen2.5-3b": 2048}  # hidden sizes, V = 151936
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16
+QWEN_HEADS = {n: p["hidden_size"] for n, p in PRESETS.items() if n.startswith("qwen2.5-")}  # V = QWEN_VOCAB
+VARIANTS = {  # name -> (backend, extra fused_policy_loss kwargs)
+    "triton": ("triton", {}),
+    "triton-nondet": ("triton", {"deterministic": False}),
+    "triton-filter": ("triton", {"filter_eps": 2.0**-12}),
+    "torch": ("torch", {}),
+    "liger": ("liger", {}),
+    "cce": ("cce", {}),
+    "cce-filter": ("cce", {"filter_eps": "auto"}),
+    "reference": ("reference", {}),
+}
+_FLOORS: dict = {}
 
 
 def _peak_tflops():
-    if not CUDA:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return peak_bf16_tflops()  # the one table of device peaks (benchmarks/devices.py)
 
 
-def _setup(n, h, v, dtype, device, seq_len=512, seed=0):
+def _setup(n, h, v, dtype, device, seq_len=512, seed=0, peaked=False):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, h, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
-    w = (torch.randn(v, h, generator=g) * h**-0.5).to(device, dtype).requires_grad_(True)
-    y = torch.randint(0, v, (n,), generator=g).to(device)
+    w = torch.randn(v, h, generator=g) * h**-0.5
+    y = torch.randint(0, v, (n,), generator=g)
+    if peaked:  # hidden states aimed at their targets' rows: a trained head's peaked softmax
+        wy = w[y]
+        x = 60.0 * wy / (wy * wy).sum(-1, keepdim=True) + 0.05 * torch.randn(n, h, generator=g)
+    else:
+        x = torch.randn(n, h, generator=g) * 0.5
+    x, w = x.to(device, dtype).requires_grad_(True), w.to(device, dtype).requires_grad_(True)
     bounds = list(range(0, n, seq_len)) + [n]
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     adv = torch.randn(len(bounds) - 1, generator=g).to(device)
     old = torch.full((n,), -3.0, device=device)
     tok_w = torch.full((n,), 1.0 / n, device=device)  # dapo: a token sum over the normaliser n
-    return x, w, y, cu, adv, old, tok_w
+    return x, w, y.to(device), cu, adv, old, tok_w
 
 
-def _run_case(benchmark, backend, n, h, v, dtype, device, rounds):
+def _cuda_time_ms(fn, iters=5):
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _cublas_floor_ms(n, h, v, dtype):
+    """The 6NHV work as three cuBLAS GEMMs of the fused kernel's shapes, in this run, on this GPU."""
+    if (n, h, v) not in _FLOORS:
+        x = torch.randn(n, h, device="cuda", dtype=dtype)
+        w = torch.randn(v, h, device="cuda", dtype=dtype)
+        z = torch.empty(n, v, device="cuda", dtype=dtype)
+        dx, dw = torch.empty_like(x), torch.empty_like(w)
+
+        def gemms():
+            torch.mm(x, w.t(), out=z)
+            torch.mm(z, w, out=dx)
+            torch.mm(z.t(), x, out=dw)
+
+        _FLOORS[(n, h, v)] = _cuda_time_ms(gemms)
+        del x, w, z, dx, dw
+        torch.cuda.empty_cache()
+    return _FLOORS[(n, h, v)]
+
+
+def _run_case(benchmark, variant, n, h, v, dtype, device, rounds):
+    backend, kw = VARIANTS[variant]
     if backend == "liger":
         pytest.importorskip("liger_kernel")
-    x, w, y, cu, adv, old, tok_w = _setup(n, h, v, dtype, device)
+    if backend == "cce":
+        pytest.importorskip("cut_cross_entropy")
+    x, w, y, cu, adv, old, tok_w = _setup(n, h, v, dtype, device, peaked=variant.endswith("filter"))
 
     def step():
         x.grad = w.grad = None
-        out = fused_policy_loss(x, w, y, cu, adv, old_logps=old, token_weights=tok_w,
-                                backend=backend)
+        out = fused_policy_loss(x, w, y, cu, adv, old_logps=old, token_weights=tok_w, backend=backend, **kw)
         out.loss.backward()
         if CUDA:
             torch.cuda.synchronize()  # time the kernels, not the launch queue
 
-    step()  # warm-up: Triton/torch.compile compilation stays out of the timings
+    step()  # warm-up: Triton autotuning / compilation stays out of the timings
     if CUDA:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -65,28 +117,35 @@ def _run_case(benchmark, backend, n, h, v, dtype, device, rounds):
     floor = 6.0 * n * h * v
     tflops = floor / sec / 1e12
     peak = _peak_tflops()
-    benchmark.extra_info.update(
-        backend=backend, n=n, h=h, v=v, dtype=str(dtype), device=torch.cuda.get_device_name() if CUDA else "cpu",
-        tokens_per_s=n / sec, tflops_vs_6nhv=tflops, fraction_of_peak=(tflops / peak) if peak else None,
-        floor_ms_at_peak=(floor / peak / 1e9) if peak else None,
-    )
+    info = dict(backend=variant, n=n, h=h, v=v, dtype=str(dtype), device=torch.cuda.get_device_name() if CUDA else "cpu",
+                tokens_per_s=n / sec, tflops_vs_6nhv=tflops, fraction_of_peak=(tflops / peak) if peak else None,
+                floor_ms_at_peak=(floor / peak / 1e9) if peak else None)
+    if CUDA:
+        info["floor_ms_cublas"] = _cublas_floor_ms(n, h, v, dtype)
+        info["x_cublas_floor"] = sec * 1e3 / info["floor_ms_cublas"]
+        gpu = next((k for k in cost_model.GPUS if k in torch.cuda.get_device_name()), None)
+        model = {"triton": cost_model.new_triton(n, h, v), "triton-nondet": cost_model.new_triton(n, h, v),
+                 "torch": cost_model.torch_chunked(n, h, v)}.get(variant)
+        if gpu and model:
+            info["model_ms"] = model.time_ms(gpu)
+    benchmark.extra_info.update(info)
 
 
 @pytest.mark.skipif(CUDA, reason="CPU shapes; on CUDA run the -k cuda cases")
-@pytest.mark.parametrize("backend", ["torch", "liger", "reference"])
+@pytest.mark.parametrize("variant", ["torch", "liger", "reference"])
 @pytest.mark.parametrize("n,h,v", [(512, 64, 4000), (2048, 128, 8192)])
-def test_cpu_policy_loss(benchmark, backend, n, h, v):
+def test_cpu_policy_loss(benchmark, variant, n, h, v):
     benchmark.group = f"policy_loss cpu N={n} H={h} V={v}"
-    _run_case(benchmark, backend, n, h, v, torch.float32, "cpu", rounds=3)
+    _run_case(benchmark, variant, n, h, v, torch.float32, "cpu", rounds=3)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["triton", "torch", "liger", "reference"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("n", [4096, 16384])
 @pytest.mark.parametrize("model", list(QWEN_HEADS))
-def test_cuda_policy_loss(benchmark, backend, n, model):
-    h, v = QWEN_HEADS[model], 151936
-    if backend == "reference" and n * v * 4 * 3 > 0.6 * torch.cuda.get_device_properties(0).total_memory:
+def test_cuda_policy_loss(benchmark, variant, n, model):
+    h, v = QWEN_HEADS[model], QWEN_VOCAB
+    if variant == "reference" and n * v * 4 * 3 > 0.6 * torch.cuda.get_device_properties(0).total_memory:
         pytest.skip("reference would not fit: it materialises fp32 [N, V] logits and their grad")
     benchmark.group = f"policy_loss cuda {model} N={n}"
-    _run_case(benchmark, backend, n, h, v, torch.bfloat16, "cuda", rounds=5)
+    _run_case(benchmark, variant, n, h, v, torch.bfloat16, "cuda", rounds=5)

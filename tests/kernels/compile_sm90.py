@@ -6,7 +6,7 @@ returns interpreter objects): `python tests/kernels/compile_sm90.py [--all-confi
 "As launched": the arguments go through Triton's own launch-time binder (the same specialisation
 `kernel[grid](...)` computes: pointers 16-byte aligned, integers divisible by 16 marked so), at
 the Qwen2.5-0.5B head shape (N = 16384, V = 151936, H = 896) with the chunk and split sizes the
-launchers pick. Prints per kernel and config: registers, dynamic shared memory, local memory
+launchers pick (second chunk onwards: dX accumulates). Prints per kernel and config: registers, dynamic shared memory, local memory
 (spills / stack) from the cubin (cuobjdump -res-usage).
 """
 
@@ -42,21 +42,22 @@ def cases(dtype=torch.bfloat16):
     """(name, kernel, args, constexpr kwargs) for every kernel as the launchers call it."""
     f32, i64, i8 = torch.float32, torch.int64, torch.int8
     pr = F.prec(dtype)
-    c = B.chunk_tokens(N, V, dtype.itemsize)
-    n_vt, n_mt = triton.cdiv(V, B.TILE_V), triton.cdiv(c, B.TILE_M)
+    vc = B.chunk_vocab(N, V, dtype.itemsize)
+    n_vt, n_mt = triton.cdiv(vc, B.TILE_V), triton.cdiv(N, B.TILE_M)
     blocks = dict(BLOCK_M=B.TILE_M, BLOCK_V=B.TILE_V, PREC=pr, CAST=False)
     x, w = _ptr(dtype), _ptr(dtype)
+    splits = F.fwd_splits(N, V, torch.device("cuda")) if torch.cuda.is_available() else 3  # H100: 132 SMs
     out = [
         ("fwd", F._logprob_fwd_kernel, (x, w, _ptr(i64), _ptr(f32), _ptr(f32), N, V, H, H, H, 1.0),
-         dict(SPLITS=F.fwd_splits(N, V, torch.device("cuda")) if torch.cuda.is_available() else 1,
-              SAVE_TMAX=True, **blocks)),
-        ("dz", B._dz_kernel, (x, w, _ptr(i64), _ptr(f32), _ptr(f32), _ptr(f32), _ptr(dtype), _ptr(i8), c, c, N, V,
+         dict(SPLITS=splits, SAVE_TMAX=True, **blocks)),
+        ("dz", B._dz_kernel, (x, w, _ptr(i64), _ptr(f32), _ptr(f32), _ptr(f32), _ptr(dtype), _ptr(i8), vc, vc, N, V,
                               H, H, H, 1.0, 2.0**-12), dict(FILTER=True, **blocks)),
-        ("dx", B._dx_kernel, (_ptr(dtype), w, _ptr(i8), _ptr(dtype), c, c, V, H, H, n_vt), blocks),
+        ("dx", B._dx_kernel, (_ptr(dtype), w, _ptr(i8), _ptr(f32), vc, vc, N, V, H, H, n_vt), dict(ACCUM=True, **blocks)),
     ]
     for mode, split in ((0, 1), (1, 4), (2, 4)):
-        out.append((f"dw mode {mode}", B._dw_kernel, (_ptr(dtype), x, _ptr(i8), _ptr(f32), c, c, V, H, H, n_vt, n_mt,
-                                                      V * H), dict(SPLIT=split, MODE=mode, **blocks)))
+        out.append((f"dw mode {mode}", B._dw_kernel, (_ptr(dtype), x, _ptr(i8), _ptr(dtype if mode == 0 else f32), vc,
+                                                      vc, N, V, H, H, n_vt, n_mt, vc * H),
+                    dict(SPLIT=split, MODE=mode, **blocks)))
     return out
 
 

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.skipif("triton" not in backends_under_test(), reason="n
 def tri(monkeypatch):
     from fastdash_kernels import triton_backward, triton_logprob
 
-    def setup(scratch_tokens=None, vocab=None, fwd_splits=None, dw_split=None, itemsize=4):
-        if scratch_tokens:
-            monkeypatch.setattr(triton_backward, "SCRATCH_BYTES", scratch_tokens * vocab * itemsize)
+    def setup(chunk_vocab=None, tokens=None, fwd_splits=None, dw_split=None, itemsize=4):
+        if chunk_vocab:  # the dZ scratch holds tokens x chunk_vocab entries: several vocabulary chunks
+            monkeypatch.setattr(triton_backward, "SCRATCH_BYTES", tokens * chunk_vocab * itemsize)
         monkeypatch.setattr(triton_logprob, "FWD_SPLITS", fwd_splits)
         monkeypatch.setattr(triton_backward, "DW_SPLIT", dw_split)
         return triton_logprob, triton_backward
@@ -38,8 +38,8 @@ def _upstream(n, seed):
 @pytest.mark.parametrize("fwd_splits,dw_split,deterministic", [(3, None, True), (1, 3, True), (2, 3, False)],
                          ids=["fwd-split3", "dw-split3-partials", "dw-split3-atomics"])
 def test_chunks_and_splits_match_reference(tri, fwd_splits, dw_split, deterministic):
-    x, w, y, _ = make_packed([150, 97, 53], 48, 300, seed=21)  # 300 tokens: chunks of 192 and 108
-    mod, _ = tri(scratch_tokens=192, vocab=300, fwd_splits=fwd_splits, dw_split=dw_split)
+    x, w, y, _ = make_packed([150, 97, 53], 48, 300, seed=21)  # V = 300: chunks of 128, 128 and 44
+    mod, _ = tri(chunk_vocab=128, tokens=300, fwd_splits=fwd_splits, dw_split=dw_split)
     g = _upstream(x.shape[0], 1)
     got = _run(mod, x, w, y, g, 0.9, deterministic=deterministic)
     ref, bound = logprob_bounds(x, w, y, 0.9, g)
@@ -49,7 +49,7 @@ def test_chunks_and_splits_match_reference(tri, fwd_splits, dw_split, determinis
 
 def test_bf16_tiles_match_reference(tri):
     x, w, y, _ = make_packed([70, 61], 64, 389, dtype=torch.bfloat16, seed=22)
-    mod, _ = tri(scratch_tokens=64, vocab=389, fwd_splits=2, itemsize=2)
+    mod, _ = tri(chunk_vocab=256, tokens=131, fwd_splits=2, itemsize=2)
     g = _upstream(x.shape[0], 2)
     got = _run(mod, x, w, y, g, 0.8)
     assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.bfloat16
@@ -61,7 +61,7 @@ def test_bf16_tiles_match_reference(tri):
 @pytest.mark.parametrize("dw_split", [None, 3])
 def test_deterministic_reruns_are_bit_identical(tri, dw_split):
     x, w, y, _ = make_packed([100, 90], 32, 257, seed=23)
-    mod, _ = tri(scratch_tokens=128, vocab=257, fwd_splits=2, dw_split=dw_split)
+    mod, _ = tri(chunk_vocab=128, tokens=190, fwd_splits=2, dw_split=dw_split)
     g = _upstream(x.shape[0], 3)
     a, b = _run(mod, x, w, y, g), _run(mod, x, w, y, g)
     for t, u, what in zip(a, b, ("logps", "entropy", "dX", "dW")):

@@ -1,0 +1,111 @@
+"""Cost model of the fused lm_head -> log-prob -> loss forward + backward, per design and shape.
+
+Counts FLOPs, HBM bytes, SM <-> L2 bytes and atomics from the tiling, and turns them into a time
+under stated assumptions (GPUS, EFFICIENCY): max(compute, HBM, L2) + atomics. It is a model to
+compare GPU measurements against (benchmarks/bench_kernels.py prints both), not a measurement.
+
+    python -m fastdash_kernels.cost_model          # the table in COST_MODEL.md
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Dense bf16 peak, HBM bandwidth; L2 -> SM bandwidth and atomic rate are assumptions to calibrate
+# against the cuBLAS floor measured in the same run.
+GPUS = {
+    "H100": dict(tflops=989.0, hbm_tbs=3.35, l2_tbs=7.0, sms=132),
+    "H200": dict(tflops=989.0, hbm_tbs=4.8, l2_tbs=7.0, sms=132),
+}
+EFFICIENCY = dict(tensor=0.7, hbm=0.85)  # sustained fractions for Triton-tiled GEMM work / streaming
+ATOMIC_BYTES_PER_S_FRACTION = 0.25  # fp32 red.add at a quarter of the L2 streaming rate (assumption)
+SCRATCH_BYTES = 512 * 2**20
+
+
+@dataclass
+class Cost:
+    design: str
+    flops: float
+    hbm: float  # bytes
+    l2: float  # bytes between SMs and L2
+    atomics: float  # fp32 atomic adds
+    extra_mem: float  # bytes beyond inputs and gradients
+
+    def time_ms(self, gpu: str) -> float:
+        g = GPUS[gpu]
+        compute = self.flops / (g["tflops"] * 1e12 * EFFICIENCY["tensor"])
+        hbm = self.hbm / (g["hbm_tbs"] * 1e12 * EFFICIENCY["hbm"])
+        l2 = self.l2 / (g["l2_tbs"] * 1e12)
+        atom = self.atomics * 4 / (g["l2_tbs"] * 1e12 * ATOMIC_BYTES_PER_S_FRACTION)
+        return 1e3 * (max(compute, hbm, l2) + atom)
+
+
+def floor(n, h, v, b=2) -> Cost:
+    """6NHV at full peak: the issue's bar (measured as cuBLAS GEMMs of the same shapes)."""
+    return Cost("6NHV floor", 6 * n * h * v, b * 2 * (n * h + v * h), 0, 0, 0)
+
+
+def old_triton(n, h, v, b=2) -> Cost:
+    """Before: 64 x 128 tiles, 8NHV, fp32 atomics into dX and dW at every BLOCK_K = 64 step."""
+    tiles = math.ceil(n / 64) * math.ceil(v / 128) * math.ceil(h / 64)
+    atomics = tiles * (64 * 64 + 128 * 64)
+    l2 = 2 * n * v * h * b * (1 / 128 + 1 / 64) + atomics * 4  # fwd + recompute operand loads, atomics
+    hbm = b * (n * h + v * h) * 2 + 4 * n * h * math.ceil(v / 128)  # dX (59 MB fp32 > L2) re-streamed
+    return Cost("old: per-tile atomics", 8 * n * h * v, hbm, l2, atomics, 4 * (n * h + v * h))
+
+
+def new_triton(n, h, v, b=2, skip=0.0, tm=128, tv=128, bd=128, sms=132) -> Cost:
+    """This design: 2-D forward, dZ scratch per vocabulary chunk, owned dX / dW tiles, no atomics.
+
+    skip: fraction of (token, vocabulary) tiles dropped by filtering; they cost no recompute and no
+    dX / dW work (so the work can fall below 6NHV: the floor assumes every tile is needed)."""
+    keep = 1.0 - skip
+    vc = max(tv, SCRATCH_BYTES // (n * b) // tv * tv)
+    chunks = math.ceil(v / vc)
+    flops = 2 * n * h * v + 6 * n * h * v * keep
+    per_pass_l2 = n * v * h * b * (1 / tm + 1 / tv)  # operand tiles of one z / GEMM pass
+    gemm_l2 = n * v * h * b * (1 / bd + 1 / tv)
+    l2 = per_pass_l2 * (1 + keep) + 2 * gemm_l2 * keep
+    waves = max(1, math.ceil(n / tm) / sms)
+    hbm = (b * v * h * waves * (1 + 2 * keep)  # W re-streamed once per wave of token blocks
+           + 3 * n * v * b * keep  # dZ written, read by the dX and dW GEMMs
+           + 8 * n * h * (chunks - 1) + b * (n * h + v * h))  # dX fp32 read-modify-write per extra chunk
+    extra = min(n * vc * b, n * v * b) + (4 * n * h if chunks > 1 else 0) + 4 * n * math.ceil(v / tv) * (skip > 0)
+    return Cost("new: owned tiles" + (f", {skip:.0%} skipped" if skip else ""), flops, hbm, l2, 0, extra)
+
+
+def torch_chunked(n, h, v, b=2) -> Cost:
+    """kernel=torch on CUDA: 6NHV in cuBLAS, fp32 [C, V] logits with ~50 B of elementwise traffic each
+    (GEMM write, max / logsumexp / gather reads, three in-place passes, bf16 cast, two GEMM reads),
+    and the fp32 dW accumulated once per chunk."""
+    c = max(1, 2**27 // v)
+    chunks = math.ceil(n / c)
+    hbm = 50 * n * v + chunks * 12 * v * h + b * 2 * (n * h + v * h)
+    return Cost("torch: chunked logits", 6 * n * h * v, hbm, 0, 0, 4 * c * v + 4 * v * h)
+
+
+def designs(n, h, v):
+    return [floor(n, h, v), old_triton(n, h, v), new_triton(n, h, v), new_triton(n, h, v, skip=0.9),
+            torch_chunked(n, h, v)]
+
+
+def table(shapes=((4096, 896), (16384, 896), (4096, 1536), (16384, 1536), (4096, 2048), (16384, 2048)),
+          v=151936) -> str:
+    lines = ["| N | H | design | TFLOP | HBM GB | L2 GB | atomics | extra GB | H100 ms | H200 ms | x floor (H100) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, h in shapes:
+        base = floor(n, h, v).time_ms("H100")
+        for c in designs(n, h, v):
+            t100, t200 = c.time_ms("H100"), c.time_ms("H200")
+            if c.design.startswith("6NHV"):  # the floor is at full peak, not at EFFICIENCY
+                t100 = c.flops / (GPUS["H100"]["tflops"] * 1e9)
+                t200 = c.flops / (GPUS["H200"]["tflops"] * 1e9)
+                base = t100
+            lines.append(f"| {n} | {h} | {c.design} | {c.flops / 1e12:.1f} | {c.hbm / 1e9:.1f} | {c.l2 / 1e9:.0f} | "
+                         f"{c.atomics:.2g} | {c.extra_mem / 1e9:.2f} | {t100:.1f} | {t200:.1f} | {t100 / base:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())
