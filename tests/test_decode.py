@@ -236,3 +236,25 @@ def test_stops_at_every_eos_id_and_keeps_it(tok, rand_model):
             assert c.truncated and c.completion_ids == p.completion_ids and len(c.completion_ids) == 8
         else:
             assert not c.truncated and c.completion_ids == p.completion_ids[:stop + 1]
+
+
+def test_sliding_window_models_fall_back_to_generate(tok):
+    """Sliding-window cache layers cannot take merged rows: the engine says so and uses generate,
+    which still stops at every EOS id and returns processed log-probs."""
+    from transformers import Qwen2ForCausalLM
+
+    from fastdash.models import preset_config
+
+    config = preset_config("tiny", len(tok))
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 4, 0
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = [1, 16]
+    engine = HFEngine(model, tok)
+    assert engine._decoder == "generate"
+    out = engine.generate(_ids(tok, RAGGED), 2, SamplingParams(max_tokens=6, temperature=1.0, seed=0))
+    for c in out:
+        assert len(c.sampler_logps) == len(c.completion_ids) and max(c.sampler_logps) <= 0
+        assert c.truncated == (c.completion_ids[-1] not in (1, 16))
+        assert not set(c.completion_ids[:-1]) & {1, 16}

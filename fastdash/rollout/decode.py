@@ -99,7 +99,8 @@ def warpers(params: SamplingParams) -> list:
 
 
 class Decoder:
-    """One call's decode loop. `rows`: prompt ids per completion; `forced`: per-row lengths or None."""
+    """One call's decode loop. `rows`: prompt ids, one entry per completion (a prompt's n samples
+    are n rows); `seed`: the call's seed (row r draws from row_seed(seed, r)); `stats`: added to."""
 
     def __init__(self, model, rows: list[list[int]], params: SamplingParams, *, eos_ids: tuple[int, ...],
                  pad_id: int, max_batch_size: int | None, seed: int, stats: DecodeStats):

@@ -6,10 +6,12 @@ Which decode implementation runs is decided here, in `HFEngine._decoder`, and no
   seeds, sampler log-probs. A long-tailed batch costs the tokens it keeps.
 - `model.generate` (fallback, for models whose cache layers are not plain `DynamicLayer`s: sliding
   window, linear attention): every row decodes until the longest ends; seeds are per call, not per row.
-- transformers' `generate_batch` (continuous batching over a paged cache) is not used: on the
-  paper-shaped CPU workload (random Qwen2, 151,936 vocab, hidden 128, 2 layers, 64 rows) it measured
-  several times slower than this loop (see the module's commit / issue 18 note), and it takes no
-  logits processors, so forced lengths and the EOS ban could not be expressed.
+- transformers' `generate_batch` (continuous batching over a paged cache) is not used. Measured on the
+  paper-shaped CPU workload scaled to cap 160 (random Qwen2, 151,936 vocab, hidden 128, 2 layers;
+  64 rows, forced gamma lengths mean 53; 1 thread on a shared, loaded 2-core machine, one run each):
+  this loop 46 s, `generate_batch` (per-request max_new_tokens, default settings) 105 s,
+  `model.generate` 252 s. (Forced lengths were emulated there by per-request max_new_tokens with no
+  EOS; its sampling has no per-row generators, so batch-independent seeds would need more work.)
 
 Weights: with `dtype` unset or equal to the model's, the engine generates with the training model
 itself (sync is free, samples on-policy by construction). With a different `dtype` (fp32 master weights,
@@ -130,14 +132,12 @@ class HFEngine:
 
 
 def _eval_copy(model, dtype: torch.dtype):
-    """The engine's own generation copy: floating parameters in `dtype` (tied ones stay one tensor),
-    buffers as they are (RoPE's inv_freq stays fp32, as under autocast), no grads, eval mode."""
-    twin = copy.deepcopy(model)
-    for p in twin.parameters():  # deduplicated: a tied weight is converted once, for both uses
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-        p.requires_grad_(False)
-    return twin.eval()
+    """The engine's own generation copy: floating parameters in `dtype` (cast straight from the
+    trainer's, no transient second fp32 copy; a tied weight is one tensor, converted once), buffers
+    as they are (RoPE's inv_freq stays fp32, as under autocast), no grads, eval mode."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(),
+                                      requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
 
 
 def _names(module, kind: str) -> dict[str, torch.Tensor]:
