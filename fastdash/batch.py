@@ -67,6 +67,7 @@ class MicroBatch:
     uids: list[int]  # [S] step-level sample ids
     old_logps: torch.Tensor | None = None  # [N] fp32
     ref_logps: torch.Tensor | None = None  # [N] fp32
+    sampler_logps: torch.Tensor | None = None  # [N] fp32, the engine's, when every sample carries them
     meta: dict = field(default_factory=dict)  # e.g. padding tokens, for metrics
 
     def to(self, device: torch.device | str) -> "MicroBatch":

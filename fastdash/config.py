@@ -22,12 +22,15 @@ from pathlib import Path
 import yaml
 
 from fastdash.algo import LOSS_TYPES, SCALE_REWARDS, PreemptiveSampling, preemptive_sampling
+from fastdash.correction import CORRECTIONS, IS_LEVELS, OLD_LOGPROBS
 from fastdash_kernels import BACKENDS as KERNELS
 from fastdash_kernels import KL_ESTIMATORS
 
 ENGINES = ("auto", "hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TASKS = ("arithmetic", "gsm8k", "math", "mbpp", "plain")
+PARALLELISMS = ("auto", "ddp", "fsdp")
+TASKS = ("arithmetic", "arithmetic_chat", "gsm8k", "math", "mbpp", "plain")
+BUILTIN_TASKS = ("arithmetic", "arithmetic_chat")  # generated in fastdash/data, no dataset needed
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Config:
     eval_dataset: str | None = None
     eval_split: str = "test"
     prompt_template: str | None = None
+    chat_template: bool | str = "auto"  # auto: template message-list prompts; true: text too; false: never
+    system_prompt: str | None = None  # a system message prepended to every chat-templated prompt
     reward: str | None = None  # registry name or dotted path; None = the task's reward
     num_train_problems: int = 50_000  # built-in task only
     num_eval_problems: int = 500
@@ -68,6 +73,12 @@ class Config:
     num_iterations: int = 1  # K
     gradient_filtering: bool = True
     gradient_filtering_threshold: float = 0.1  # tau: keep |A| > tau
+    # --- beyond DASH: the sampler's own log-probs (fastdash/correction.py) ---
+    rollout_correction: str = "none"  # none | tis (truncated IS) | mis (masked IS), against the sampler's log-probs
+    rollout_is_cap: float = 2.0  # C: tis weight min(rho, C); mis keeps rho in [1/C, C]
+    rollout_is_level: str = "token"  # token | sequence (one ratio per sequence: geometric mean of its tokens')
+    old_logprobs: str = "trainer"  # Multi / Mini PPO denominator: trainer (an extra forward) | sampler (engine's)
+    speculative: dict | None = None  # vLLM speculative_config, e.g. {method: ngram, num_speculative_tokens: 4}
     # --- backprop shape ---
     train_batch_size: int = 256  # samples per optimizer step
     micro_batch_size: int = 8  # samples per padded micro-batch (packing off)
@@ -104,6 +115,10 @@ class Config:
     eval_sampled: bool = True  # also report sampled (temperature) held-out accuracy
     num_eval_samples: int = 4  # sampled completions per held-out problem: pass@1 and pass@k, k = this
     num_threads: int = 0  # CPU threads; 0 = torch's default
+    # --- several ranks (torchrun; README "Several GPUs / torchrun") ---
+    parallelism: str = "auto"  # auto | ddp (a full fp32 replica per rank) | fsdp (not built yet: refused)
+    generation_gpus: int = 0  # split placement: vLLM engines on the last K GPUs (0 = colocated)
+    dist_timeout_s: int = 600  # collective timeout; a silent peer ends the run after this (> an eval's time)
     plots: bool = True
     extra: dict = field(default_factory=dict)  # free-form, e.g. for user reward functions
 
@@ -143,7 +158,8 @@ class Config:
 
         choices = dict(loss_type=LOSS_TYPES, kl_estimator=KL_ESTIMATORS, kernel=KERNELS,
                        engine=ENGINES, task=TASKS, scale_rewards=SCALE_REWARDS,
-                       lr_scheduler_type=("linear", "constant"), dtype=DTYPES, save_dtype=DTYPES)
+                       lr_scheduler_type=("linear", "constant"), dtype=DTYPES, save_dtype=DTYPES,
+                       rollout_correction=CORRECTIONS, rollout_is_level=IS_LEVELS, old_logprobs=OLD_LOGPROBS)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {list(allowed)}")
@@ -183,8 +199,35 @@ class Config:
             bad("max_steps", "set max_steps > 0 or num_train_epochs > 0")
         if self.task == "plain" and not self.reward:
             bad("reward", "task='plain' has no default reward: pass reward=NAME or reward=pkg.module:func")
-        if self.task != "arithmetic" and self.dataset is None:
+        if self.chat_template not in ("auto", True, False) or isinstance(self.chat_template, int) and \
+                not isinstance(self.chat_template, bool):
+            bad("chat_template", "must be auto, true or false")
+        self._validate_beyond_dash(bad)
+        if self.task not in BUILTIN_TASKS and self.dataset is None:
             bad("dataset", f"task={self.task!r} needs a dataset (local path or cached dataset name)")
+        if self.parallelism not in PARALLELISMS:
+            bad("parallelism", f"must be one of {list(PARALLELISMS)}")
+        if self.generation_gpus < 0:
+            bad("generation_gpus", "must be >= 0 (0 = every rank generates its own share on its own device)")
+        if self.dist_timeout_s <= 0:
+            bad("dist_timeout_s", "must be > 0 seconds (and longer than an evaluation, which rank 0 runs alone)")
+
+    def _validate_beyond_dash(self, bad) -> None:
+        if not self.rollout_is_cap > 1:
+            bad("rollout_is_cap", "must be > 1 (tis weights are min(rho, C); mis keeps rho in [1/C, C])")
+        if self.rollout_correction != "none" and self.kernel == "liger" and self.beta != 0:
+            bad("kernel", "liger cannot weight the policy-gradient term apart from the KL term: with "
+                "rollout_correction use kernel=torch / triton, or beta=0")
+        if self.speculative is None:
+            return
+        if not isinstance(self.speculative, dict) or not isinstance(self.speculative.get("method"), str):
+            bad("speculative", "must be null or a vLLM speculative_config mapping with a method, e.g. "
+                "{method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4}")
+        k = self.speculative.get("num_speculative_tokens")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k <= 0):
+            bad("speculative", "num_speculative_tokens must be a positive integer")
+        if self.engine == "hf":
+            bad("engine", "speculative decoding is a vLLM option: set engine=vllm, or speculative=null")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

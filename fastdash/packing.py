@@ -166,6 +166,17 @@ def _per_token(samples: Sequence[Sample], name: str) -> torch.Tensor | None:
     return torch.cat([x.detach().reshape(-1).float().cpu() for x in xs])
 
 
+def _sampler_per_token(samples: Sequence[Sample]) -> torch.Tensor | None:
+    """The engine's log-probs [N] when every sample has them (rollout correction needs all or none)."""
+    if any(s.sampler_logps is None for s in samples):
+        return None
+    for s in samples:
+        if len(s.sampler_logps) != len(s.completion_ids):
+            raise ValueError(f"sample uid={s.uid}: sampler_logps has {len(s.sampler_logps)} entries, expected "
+                             f"{len(s.completion_ids)} (one per completion token)")
+    return torch.cat([torch.as_tensor(s.sampler_logps, dtype=torch.float32).reshape(-1).cpu() for s in samples])
+
+
 def _loss_fields(samples: Sequence[Sample], logit_index: torch.Tensor) -> dict:
     """The fields shared by both layouts: everything indexed by loss token or by sample."""
     comp_lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.int64)
@@ -181,6 +192,7 @@ def _loss_fields(samples: Sequence[Sample], logit_index: torch.Tensor) -> dict:
         uids=[s.uid for s in samples],
         old_logps=_per_token(samples, "old_logps"),
         ref_logps=_per_token(samples, "ref_logps"),
+        sampler_logps=_sampler_per_token(samples),
     )
 
 

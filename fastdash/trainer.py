@@ -23,8 +23,10 @@ from typing import Callable
 
 import torch
 
+from fastdash import distributed
 from fastdash.algo import gradient_filter, group_advantages, loss_mask, loss_normaliser, loss_token_weights
 from fastdash.batch import Completion, Sample
+from fastdash.correction import WeightStats, pg_weights, require_sampler_logps, sampler_old_logps
 from fastdash.forward import compute_autocast, forward_hidden
 from fastdash.metrics import inference_mismatch
 from fastdash.oom import run_with_oom_backoff
@@ -110,44 +112,63 @@ class Trainer:
         """One optimizer step; a rollout first when the buffer is empty. Returns the step's metrics."""
         rollout_metrics = self.rollout() if not self.buffer else {}
         batch = self.buffer.pop(0)
-        metrics = {**rollout_metrics, **batch_stats(batch.samples), **self.optimize(batch)}
+        metrics = {**rollout_metrics, **global_batch_stats(batch.samples), **self.optimize(batch)}
         self.state.step += 1
         return {"step": self.state.step, **metrics, **self.timer.pop_step()}
 
     # ------------------------------------------------------------------ rollout ------------------
     def rollout(self) -> dict:
         cfg, G, shape = self.cfg, self.cfg.num_generations, self.cfg.preemptive_sampling
-        problems = self.prompt_source(shape.samples // G)
-        completions = self.preemptive_sampling([self.run.prompt_ids(p) for p in problems])
+        problems = self.prompt_source(shape.samples // G)  # the global rollout's; this rank takes its share
+        ranges = distributed.step_shares(len(problems), shape.train_batch_size // G)
+        problems = [problems[i] for lo, hi in ranges for i in range(lo, hi)]
+        completions = self.preemptive_sampling([self.run.prompt_ids(p) for p in problems], ranges)
+        require_sampler_logps(cfg, completions, getattr(self.engine, "name", type(self.engine).__name__))
         with self.timer("reward"):
             texts = [self.run.decode(c.completion_ids) for c in completions]
             rewards, failed = score_completions(self.run.reward_fn, texts, [p for p in problems for _ in range(G)])
-            advantages = group_advantages(torch.tensor(rewards), G, cfg.scale_rewards)
+            # over every rank's rewards (scale_rewards=batch needs the global std), then this rank's block
+            everyone = distributed.all_gather_rows(torch.tensor(rewards, dtype=torch.float32))
+            lo = distributed.rank() * len(rewards)
+            advantages = group_advantages(everyone, G, cfg.scale_rewards)[lo : lo + len(rewards)]
+        failed, n_samples = (int(v) for v in distributed.sum_floats(failed, len(completions)))
         self.state.counters["reward_failures"] += failed
         samples = [Sample(uid=i, prompt_ids=c.prompt_ids, completion_ids=c.completion_ids, truncated=c.truncated,
                           reward=r, advantage=a, sampler_logps=c.sampler_logps)
                    for i, (c, r, a) in enumerate(zip(completions, rewards, advantages.tolist()))]
-        n = shape.train_batch_size
+        n = shape.train_batch_size // distributed.world_size()  # this rank's share of a step
         batches = [self.step_batch(samples[i : i + n]) for i in range(0, len(samples), n)]
         batches = self.old_and_ref_logps(batches)
         self.buffer = [b for _ in range(cfg.num_iterations) for b in batches]
         self.state.rollouts += 1
-        self.state.samples += len(samples)
-        return {"reward/failures": failed, "rollout/samples": len(samples), "rollout/engine_calls": shape.engine_calls}
+        self.state.samples += n_samples
+        return {"reward/failures": failed, "rollout/samples": n_samples, "rollout/engine_calls": self.engine_calls}
 
-    def preemptive_sampling(self, prompt_ids: list[list[int]]) -> list[Completion]:
+    def preemptive_sampling(self, prompt_ids: list[list[int]],
+                            ranges: list[tuple[int, int]] | None = None) -> list[Completion]:
         """The rollout's engine calls: one for the whole rollout under DASH, one per
         generation_batch_size samples otherwise (baseline GRPO: per micro-batch). Same samples either
-        way: the seed and forced lengths are sliced per call from the rollout's."""
+        way: the seed and forced lengths are sliced per call from the rollout's.
+
+        `ranges`: the rollout's prompt index ranges `prompt_ids` holds (a rank's shares; default all).
+        A rank makes one call per one-process call holding its prompts, seeded by the global offset of
+        its first prompt (forced lengths by each sample's): when one-process calls fit in a rank's share
+        of a step (baseline GRPO) a rank's calls are the one-process calls; rank 0's first call starts
+        like the one-process call; other ranks' rows draw other (distinct) seeds."""
         G, shape = self.cfg.num_generations, self.cfg.preemptive_sampling
         params = self._sampling_params()
         forced = (self.run.forced_lengths(self.state.rollouts, shape.samples)  # benchmarks only
                   if self.cfg.length_control_mean else None)
-        per_call, out = shape.samples_per_call // G, []
+        per_call, out, self.engine_calls = shape.samples_per_call // G, [], 0
         with self.timer("generate"):
             self.engine.wake()
-            for i in range(0, len(prompt_ids), per_call):
-                out += self._generate(prompt_ids[i : i + per_call], _call_params(params, forced, i * G, per_call * G))
+            for idx in _calls(ranges or [(0, len(prompt_ids))], per_call):
+                call = _call_params(params, forced, idx[0] * G, len(idx) * G)
+                if forced and idx[-1] - idx[0] + 1 != len(idx):  # a rank's prompts of a call, not contiguous
+                    call = replace(call, forced_lengths=tuple(forced[i * G + j] for i in idx for j in range(G)))
+                done = len(out) // G
+                out += self._generate(prompt_ids[done : done + len(idx)], call)
+                self.engine_calls += 1
             self.engine.sleep()
         return out
 
@@ -189,9 +210,13 @@ class Trainer:
     def old_and_ref_logps(self, batches: list[StepBatch]) -> list[StepBatch]:
         """Log-probs under the sampling policy (Mini / Multi) and the reference (beta > 0) of every kept
         sample of the rollout, once, with the same packing and compute dtype as training. Skipped at
-        K = 1 on-policy and beta = 0."""
+        K = 1 on-policy and beta = 0; with old_logprobs=sampler the engine's log-probs take the old
+        pass's place (no forward)."""
         passes = {}
-        if self.cfg.needs_old_logps:
+        if self.cfg.needs_old_logps and self.cfg.old_logprobs == "sampler":
+            batches = [replace(b, kept=tuple(replace(s, old_logps=sampler_old_logps(s)) for s in b.kept))
+                       for b in batches]
+        elif self.cfg.needs_old_logps:
             passes["old_logps"] = self.model
         if self.cfg.beta > 0:
             passes["ref_logps"] = self.run.ref_model
@@ -214,22 +239,28 @@ class Trainer:
     # ------------------------------------------------------------------ optimize -----------------
     def optimize(self, batch: StepBatch) -> dict:
         kept = batch.kept
-        metrics = {"filter/kept_fraction": len(kept) / len(batch.samples), "filter/kept_samples": len(kept),
-                   "mask/dropped_samples": batch.masked,
-                   "adv/abs_mean_kept": (sum(abs(s.advantage) for s in kept) / len(kept)) if kept else 0.0}
-        if not kept:
+        n_kept, n_all, masked, adv = distributed.sum_floats(len(kept), len(batch.samples), batch.masked,
+                                                            sum(abs(s.advantage) for s in kept))  # over ranks
+        metrics = {"filter/kept_fraction": n_kept / n_all, "filter/kept_samples": int(n_kept),
+                   "mask/dropped_samples": int(masked), "adv/abs_mean_kept": adv / n_kept if n_kept else 0.0}
+        if not n_kept:
             self.state.counters["skipped_empty_steps"] += 1
             log.info("step %d: every sample was filtered (|A| <= %.3g) or masked: no forward, no optimizer step",
                      self.state.step + 1, self.cfg.gradient_filtering_threshold)
             return {**metrics, "loss": 0.0, "skipped": 1}
         with self.timer("backward"):
-            if self.cfg.packing:
+            if not kept:  # every sample of this rank (not of the step) filtered: zero gradients, no forward
+                self.run.optimizer.zero_grad(set_to_none=True)
+                stats = {"loss": 0.0, "microbatches": 0, "clip_fraction": 0.0, "tokens/loss": 0,
+                         "tokens/padding": 0, "tokens/real": 0, **({"kl": 0.0} if self.cfg.beta > 0 else {})}
+            elif self.cfg.packing:
                 stats = run_with_oom_backoff(lambda budget: self._backward_all(batch, budget), self.budget,
                                              on_backoff=self._on_oom, plan=self.run.plan,
                                              min_budget=max(s.length for s in kept))
             else:
                 stats = self._backward_all(batch, None)
-        metrics.update(stats)
+            distributed.all_reduce_grads(self.model)  # the losses were normalised globally: sum = 1 process
+        metrics.update(distributed.reduce_step_stats(stats))
         with self.timer("optimizer"):
             metrics.update(self._optimizer_step())
         with self.timer("sync"):
@@ -268,13 +299,15 @@ class Trainer:
         cfg, n_mb, tokens, pad, real = self.cfg, 0, 0, 0, 0
         loss_sum = clip_sum = kl_sum = torch.zeros((), device=self.run.device)  # on device: no sync per micro-batch
         pairs = []  # (trainer log-probs, engine log-probs) per sample, for the train/inference mismatch
+        is_stats = WeightStats(cfg.rollout_is_cap)  # rollout correction's weights, when on
         for mb, members in self._microbatches(list(batch.kept), budget):
             with self._autocast():
                 hidden = forward_hidden(self.model, mb)
             out = fused_policy_loss(
                 *self._head_inputs(hidden, self.model), mb.targets, mb.completion_cu_seqlens, mb.advantages,
                 token_weights=loss_token_weights(cfg.loss_type, mb.completion_cu_seqlens, batch.normaliser),
-                old_logps=mb.old_logps, ref_logps=mb.ref_logps, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                old_logps=mb.old_logps, ref_logps=mb.ref_logps, pg_weights=pg_weights(cfg, mb, is_stats),
+                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                 beta=cfg.beta, kl_estimator=cfg.kl_estimator, temperature=cfg.temperature, backend=cfg.kernel)
             out.loss.backward()
             n_tok = mb.targets.numel()
@@ -292,6 +325,7 @@ class Trainer:
             stats["kl"] = float(kl_sum) / max(tokens, 1)
         if pairs:
             stats.update(inference_mismatch(*zip(*pairs)))
+        stats.update(is_stats.metrics())
         return stats
 
     def _optimizer_step(self) -> dict:
@@ -321,10 +355,31 @@ def _call_params(params: SamplingParams, forced: list[int] | None, start: int, c
                    forced_lengths=tuple(forced[start : start + count]) if forced else None)
 
 
-def batch_stats(samples: tuple[Sample, ...]) -> dict:
-    """Reward and length statistics of the samples one optimizer step covers."""
-    rewards = torch.tensor([s.reward for s in samples])
-    lengths = [len(s.completion_ids) for s in samples]
+def _calls(ranges: list[tuple[int, int]], per_call: int) -> list[list[int]]:
+    """The global prompt indices of each engine call: those of `ranges` that one process would
+    generate in the same call (one call per one-process call that holds any of them)."""
+    calls: dict[int, list[int]] = {}
+    for lo, hi in ranges:
+        for i in range(lo, hi):
+            calls.setdefault(i // per_call, []).append(i)
+    return list(calls.values())
+
+
+def global_batch_stats(samples: tuple[Sample, ...]) -> dict:
+    """`batch_stats` of the step's samples on every rank."""
+    if distributed.world_size() == 1:
+        return batch_stats(samples)
+    rows = distributed.all_gather_objects([(s.reward, len(s.completion_ids), s.truncated) for s in samples])
+    return batch_stats((), [r for part in rows for r in part])
+
+
+def batch_stats(samples: tuple[Sample, ...], rows: list[tuple] | None = None) -> dict:
+    """Reward and length statistics of the samples one optimizer step covers (or of `rows`:
+    (reward, completion length, truncated) per sample)."""
+    rows = rows if rows is not None else [(s.reward, len(s.completion_ids), s.truncated) for s in samples]
+    rewards = torch.tensor([r for r, _, _ in rows])
+    lengths = [n for _, n, _ in rows]
+    samples = [t for _, _, t in rows]  # truncated flags
     return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(samples) > 1 else 0.0,
             "completion/mean_length": sum(lengths) / len(samples),
-            "completion/truncated_fraction": sum(s.truncated for s in samples) / len(samples)}
+            "completion/truncated_fraction": sum(samples) / len(samples)}

@@ -100,8 +100,8 @@ def _slice(t, lo, hi):
 
 def fused_policy_loss(
     hidden, weight, targets, cu_seqlens, advantages, *, token_weights, old_logps=None, ref_logps=None,
-    epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0, return_entropy=False,
-    backend="auto", grad_in_forward=None, deterministic=True, filter_eps=None,
+    pg_weights=None, epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0,
+    return_entropy=False, backend="auto", grad_in_forward=None, deterministic=True, filter_eps=None,
 ) -> PolicyLossOutput:
     """PPO-clip policy loss (+ beta KL) on packed completion tokens, straight from hidden states.
 
@@ -110,6 +110,11 @@ def fused_policy_loss(
     Per token (see loss.per_token_policy_loss) l_t = -min(r A, clip(r, 1 - eps, 1 + eps_high) A)
     + beta KL_t, and loss = sum_t token_weights_t l_t. The weights carry the whole loss type
     (sequence means, the step's normaliser): `fastdash.algo.loss_token_weights` builds them.
+
+    pg_weights (rollout correction, `fastdash.correction`): detached w_t multiplying only the
+    policy-gradient term, l_t = w_t pg_t + beta KL_t; a [N] tensor, or a function of the detached
+    current log-probs [N] -> [N] (weights against the policy being trained: then the gradient is
+    formed after the forward, not in it). None: the unweighted loss, bit for bit.
 
     grad_in_forward (default: on when grad is enabled and hidden or weight needs it, torch/triton
     backends): the loss is token-level, so dL/dlogp_t is known as soon as logp_t is; dX and dW are
@@ -121,7 +126,8 @@ def fused_policy_loss(
     n_seq = cu_seqlens.numel() - 1
     if advantages.shape != (n_seq,):
         raise ValueError(f"advantages must be [B] = [{n_seq}] (one per sequence), got {tuple(advantages.shape)}")
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps),
+                    ("pg_weights", None if callable(pg_weights) else pg_weights)):
         if t is not None and t.shape != targets.shape:
             raise ValueError(f"{name} must be [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
     b = resolve_backend(backend, hidden)
@@ -135,17 +141,20 @@ def fused_policy_loss(
 
         loss, logps, ent = liger_policy_loss(hidden, weight, targets, cu_seqlens, advantages, tok_w,
                                              old_logps=old_logps, ref_logps=ref_logps, temperature=temperature,
-                                             return_entropy=return_entropy, **kw)
+                                             return_entropy=return_entropy, pg_weights=pg_weights, **kw)
         return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent, **kw))
 
     if grad_in_forward is None:
         grad_in_forward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if callable(pg_weights):  # the weights need every current log-prob before any gradient
+        grad_in_forward = False
     if grad_in_forward and b in ("torch", "triton"):
         def grad_fn(lo, hi, lp):
             with torch.enable_grad():
                 lp = lp.detach().requires_grad_(True)
                 per_tok, _ = per_token_policy_loss(lp, adv_tok[lo:hi], _slice(old_logps, lo, hi),
-                                                   _slice(ref_logps, lo, hi), **kw)
+                                                   _slice(ref_logps, lo, hi), pg_weights=_slice(pg_weights, lo, hi),
+                                                   **kw)
                 loss_c = (per_tok * tok_w[lo:hi]).sum()
                 (g,) = torch.autograd.grad(loss_c, lp)
             return loss_c.detach(), g
@@ -160,7 +169,8 @@ def fused_policy_loss(
             ent = ent.detach() if return_entropy else None
         else:
             logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy, **opts)
-        per_tok, _ = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, **kw)
+        pg_w = pg_weights(logps.detach()) if callable(pg_weights) else pg_weights
+        per_tok, _ = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, pg_weights=pg_w, **kw)
         loss = (per_tok * tok_w).sum()
         logps = logps.detach()
     return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent, **kw))

@@ -4,7 +4,8 @@ Liger wants padded [B, T] inputs, so this wrapper pads (the one place a padded t
 reads the lengths on the host. fastdash's per-token weights ride in liger's attention mask: its
 'dapo' loss with num_items_in_batch=1 is sum_t mask_t l_t, which is fastdash's sum_t w_t l_t when
 the mask holds w_t (0 on padding). Liger's own metrics would then be weighted, so the caller
-recomputes them from the log-probs.
+recomputes them from the log-probs. Rollout-correction weights (pg_weights) ride there too, which
+is exact only without the KL term (liger cannot weight its PG term apart from its KL term).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def _pad(x, seg, pos, n_seq, t_max, fill=0):
 
 
 def liger_policy_loss(hidden, weight, targets, cu_seqlens, advantages, token_weights, *, old_logps, ref_logps,
-                      epsilon, epsilon_high, beta, kl_estimator, temperature, return_entropy):
+                      epsilon, epsilon_high, beta, kl_estimator, temperature, return_entropy, pg_weights=None):
     """-> (loss with grad, logps [N] detached, entropy [N] or None)."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -30,6 +31,14 @@ def liger_policy_loss(hidden, weight, targets, cu_seqlens, advantages, token_wei
         raise ValueError(f"backend='liger' only has the k3 KL estimator, got kl_estimator={kl_estimator!r}")
     from .torch_backend import logprob
 
+    if pg_weights is not None:
+        if beta != 0.0:
+            raise ValueError("backend='liger' cannot weight the policy-gradient term apart from the KL term: "
+                             "with rollout correction (pg_weights) use beta=0 or kernel=torch / triton")
+        if callable(pg_weights):
+            with torch.no_grad():
+                pg_weights = pg_weights(logprob(hidden.detach(), weight.detach(), targets, temperature, False)[0])
+        token_weights = token_weights * pg_weights.detach().float()
     n = hidden.shape[0]
     n_seq = cu_seqlens.numel() - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

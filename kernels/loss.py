@@ -50,8 +50,9 @@ def per_token_policy_loss(
     epsilon_high: float | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    pg_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped-surrogate loss plus beta * KL, per token.
+    """Clipped-surrogate loss plus beta * KL, per token: l_t = w_t pg_t + beta KL_t.
 
     Args:
         logps: [N] fp32 log-probs of the sampled tokens under the current policy (may need grad).
@@ -61,6 +62,8 @@ def per_token_policy_loss(
         ref_logps: [N] reference-policy log-probs; required when beta > 0.
         epsilon, epsilon_high: ratio clipped to [1 - epsilon, 1 + epsilon_high]; epsilon_high
             defaults to epsilon.
+        pg_weights: [N] detached weights w_t of the policy-gradient term only (rollout correction,
+            `fastdash.correction`); None = 1, bit for bit the unweighted loss.
     Returns:
         per_token_loss [N] (fp32, differentiable in logps) and per-token metrics (detached):
         ``clipped`` [N] bool, where the clipped branch is active (no gradient from the surrogate),
@@ -73,6 +76,8 @@ def per_token_policy_loss(
     ratio = torch.exp(logps - old)
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_hi)
     loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    if pg_weights is not None:
+        loss = loss * pg_weights.detach().to(dt)
     with torch.no_grad():
         clipped = ((ratio < 1.0 - epsilon) & (adv < 0)) | ((ratio > 1.0 + eps_hi) & (adv > 0))
     metrics = {"clipped": clipped}
