@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fastdash.attention import select_attention_backend, use_packed_attention  # noqa: E402
 from fastdash.batch import Sample  # noqa: E402
+from fastdash.models import PRESETS, QWEN_VOCAB  # noqa: E402
 from fastdash.forward import forward_hidden  # noqa: E402
 from fastdash.packing import (  # noqa: E402
     collate_packed,
@@ -40,11 +41,15 @@ from fastdash.packing import (  # noqa: E402
 MAX_COMPLETION, MAX_PROMPT, MIN_PROMPT, MEAN_COMPLETION = 2048, 256, 32, 600
 
 
+def qwen_shape(preset: str) -> dict:
+    """A Qwen2.5 preset's body shape and the real vocabulary (build_model ties the head itself)."""
+    return {**{k: v for k, v in PRESETS[preset].items() if k != "tie_word_embeddings"}, "vocab_size": QWEN_VOCAB}
+
+
 def settings(device: torch.device) -> dict:
     if device.type == "cuda":
         return dict(scale=1, samples=256, micro_batch_size=4, max_tokens=8192, dtype=torch.bfloat16,
-                    model=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                               num_attention_heads=14, num_key_value_heads=2, vocab_size=151936))
+                    model=qwen_shape("qwen2.5-0.5b"))
     return dict(scale=16, samples=64, micro_batch_size=4, max_tokens=576, dtype=torch.float32,
                 model=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=512))
@@ -69,7 +74,7 @@ def sample_lengths(kind: str, n: int, scale: int, seed: int = 0) -> list[tuple[i
 def make_samples(shapes, vocab: int, seed: int = 0) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
     return [
-        Sample(uid=i, group=i // 8, prompt_ids=torch.randint(1, vocab, (p,), generator=g).tolist(),
+        Sample(uid=i, prompt_ids=torch.randint(1, vocab, (p,), generator=g).tolist(),
                completion_ids=torch.randint(1, vocab, (c,), generator=g).tolist(), truncated=False,
                advantage=float(torch.randn((), generator=g)))
         for i, (p, c) in enumerate(shapes)

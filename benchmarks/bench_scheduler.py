@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fastdash.memory import CpuMemoryProbe, default_probe, ensure_grads, probe_forward_backward  # noqa: E402
+from fastdash.models import PRESETS, QWEN_VOCAB  # noqa: E402
 from fastdash.scheduler import plan_memory  # noqa: E402
 
 MiB = 1024**2
@@ -36,8 +37,8 @@ MiB = 1024**2
 def settings(device: torch.device) -> dict:
     if device.type == "cuda":
         return dict(prompt=1024, completion=1024, samples=64, dtype=torch.bfloat16, extra_budget=None, repeats=2,
-                    model=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                               num_attention_heads=14, num_key_value_heads=2, vocab_size=151936))
+                    model={**{k: v for k, v in PRESETS["qwen2.5-0.5b"].items() if k != "tie_word_embeddings"},
+                           "vocab_size": QWEN_VOCAB})
     return dict(prompt=16, completion=112, samples=32, dtype=torch.float32, extra_budget=160 * MiB, repeats=3,
                 model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=1024))

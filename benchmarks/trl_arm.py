@@ -1,9 +1,12 @@
 """Arm 5 of the end-to-end benchmark: Hugging Face TRL's GRPOTrainer on the same work.
 
-Same shipped model, prompts (in the order fastdash's PromptSampler draws them for the seed), reward,
-samples per optimizer step (prompts_per_step x G, one generation per optimizer step) and
-sampling/loss settings as the fastdash arms; TRL's own loop does everything else. Sub-arms: TRL's
-default gradient checkpointing on ("trl") and off ("trl_no_gc").
+Same model, prompt rows (the harness's, in the same order), reward, samples per optimizer step
+(prompts_per_step x G, one generation per optimizer step) and sampling/loss settings as the fastdash
+arms; TRL's own loop does everything else. Sub-arms: TRL's default gradient checkpointing on ("trl")
+and off ("trl_no_gc", its best CPU setting). On the paper-shaped workload the reward is the same
+synthetic one and the completion lengths are the ones fastdash's trainer forces (the same draw per
+rollout): the model's `generate` gets fastdash's `ForceLengths` logits processor, the only way to
+hand TRL per-row lengths.
 
 trl may live in another virtualenv than fastdash's (it can pull other transformers versions), so
 the arm always runs in a worker process: the interpreter itself when it imports trl, else
@@ -74,15 +77,18 @@ def skip_reason() -> str | None:
 class TRLArm:
     """ArmRun-like handle on one worker: `step()`, `evaluate()`, `close()`, `setup_s`, `resolved`."""
 
-    def __init__(self, arm: str, size: dict, seed: int, steps: int, python: str | None = None):
+    def __init__(self, arm: str, size: dict, seed: int, steps: int, rows: list[dict], python: str | None = None):
         if arm not in TRL_ARMS:
             raise ValueError(f"unknown TRL arm {arm!r}; choose from {list(TRL_ARMS)}")
         python = python or trl_python()[0]
         if python is None:
             raise ValueError(skip_reason())
-        spec = {"arm": arm, "size": size, "seed": seed, "steps": steps}
+        spec = {"arm": arm, "size": size, "seed": seed, "steps": steps, "rows": rows}
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        self._spec = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="fastdash-trl-spec-", delete=False)
+        json.dump(spec, self._spec)  # rows can be long for a command line
+        self._spec.close()
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", self._spec.name],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT)
         ready = self._read()
         self.setup_s, self.resolved = time.perf_counter() - t0, ready["resolved"]
@@ -110,6 +116,8 @@ class TRLArm:
         if proc is not None and proc.poll() is None:
             proc.stdin.close()  # EOF: the worker exits
             proc.wait(timeout=120)
+        if getattr(self, "_spec", None) is not None:
+            Path(self._spec.name).unlink(missing_ok=True)
 
     __del__ = close
 
@@ -125,38 +133,73 @@ def _wait_command() -> str:
     return line.strip() or "quit"
 
 
-def build_trainer(arm: str, size: dict, seed: int, steps: int, out_dir: str):
+def _score(size: dict):
+    """The reward the fastdash arms get: arithmetic on the learning task, else the synthetic one."""
+    if size.get("workload", "arith") == "arith":
+        from fastdash.rewards.math import arithmetic_reward
+
+        return lambda completions, rows: [arithmetic_reward(c, r["answer"]) for c, r in zip(completions, rows)]
+    from fastdash.rewards.synthetic import synthetic_reward
+
+    return synthetic_reward.batch
+
+
+def _force_lengths(model, tok, size: dict, seed: int, rollout: list[int]) -> None:
+    """Completion lengths as fastdash's trainer forces them: Run.forced_lengths of the same (seed,
+    rollout), applied by fastdash's ForceLengths logits processor around this model's generate."""
+    from types import SimpleNamespace
+
+    from transformers import LogitsProcessorList
+
+    from fastdash.rollout.hf import ForceLengths
+    from fastdash.runtime import Run
+
+    cfg = SimpleNamespace(seed=seed, length_control_mean=size["length_control_mean"],
+                          max_completion_length=size["max_completion_length"])
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def forced(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        lengths = Run.forced_lengths(SimpleNamespace(cfg=cfg), rollout[0], ids.shape[0])
+        rollout[0] += 1
+        kwargs["logits_processor"] = LogitsProcessorList([ForceLengths(lengths, ids.shape[1], (tok.eos_token_id,))])
+        return generate(*args, **kwargs)
+
+    model.generate = forced
+
+
+def build_trainer(arm: str, size: dict, seed: int, steps: int, rows: list[dict], out_dir: str):
     """The GRPOTrainer for one arm and seed, plus the per-step record it fills in."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from fastdash.data.arithmetic import make_problems
     from fastdash.metrics import PHASES
     from fastdash.models import load_model_and_tokenizer
-    from fastdash.rewards.math import arithmetic_reward
-    from fastdash.trainer import PromptSampler, TrainState
 
     G, batch = size["num_generations"], size["train_batch_size"]
-    micro = min(batch, TRL_ARMS[arm]["per_device_train_batch_size"])
+    micro = min(batch, size.get("trl_micro_batch_size") or TRL_ARMS[arm]["per_device_train_batch_size"])
     if batch % micro:
         raise ValueError(f"train_batch_size={batch} must be a multiple of micro_batch_size={micro}")
     torch.set_num_threads(size.get("num_threads") or torch.get_num_threads())
-    problems = make_problems(size["num_train_problems"], split="train", seed=seed)
-    order = PromptSampler(len(problems), seed, True, TrainState()).take(steps * batch // G)  # fastdash's draws
-    data = Dataset.from_list([{"prompt": problems[i]["prompt"], "answer": problems[i]["answer"], "idx": i}
-                              for i in order])
+    keys = ("prompt", "answer", "uid", "p_success")
+    data = Dataset.from_list([{k: r[k] for k in keys if k in r} for r in rows])  # the harness's order
     rec: dict = {"phases": {}, "rewards": [], "tokens": 0, "prompts": []}
+    score = _score(size)
 
-    def reward(prompts, completions, answer, idx, completion_ids, **_):
-        r = [arithmetic_reward(c, a) for c, a in zip(completions, answer)]
+    def reward(prompts, completions, completion_ids, **columns):
+        cols = {k: columns[k] for k in keys[1:] if k in columns}
+        r = score(completions, [dict(zip(cols, vals)) for vals in zip(*cols.values())])
         rec["rewards"] += r
         rec["tokens"] += sum(len(c) for c in completion_ids)
-        rec["prompts"] += [i for j, i in enumerate(idx) if j % G == 0]  # one per group, like ArmRun's log
+        rec["prompts"] += [u for j, u in enumerate(columns["uid"]) if j % G == 0]  # one per group, like ArmRun's log
         return r
 
     model, tok = load_model_and_tokenizer(size["model"], dtype=torch.float32, seed=seed)
+    if size.get("length_control_mean"):
+        _force_lengths(model, tok, size, seed, rollout=[0])
     args = GRPOConfig(
         output_dir=out_dir, seed=seed, data_seed=seed, shuffle_dataset=False, max_steps=steps,
         num_generations=G, per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
@@ -254,7 +297,7 @@ def heldout_accuracy(model, tok, size: dict) -> float:
 def worker(spec: dict) -> int:
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="fastdash-trl-") as out:
-        trainer, tok, model = build_trainer(spec["arm"], spec["size"], spec["seed"], spec["steps"], out)
+        trainer, tok, model = build_trainer(spec["arm"], spec["size"], spec["seed"], spec["steps"], spec["rows"], out)
         trainer.train()
         while (cmd := _wait_command()) != "quit":
             if cmd != "eval":
@@ -265,5 +308,5 @@ def worker(spec: dict) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "--worker":
-        raise SystemExit("usage: trl_arm.py --worker SPEC_JSON  (started by benchmarks/harness.py)")
-    raise SystemExit(worker(json.loads(sys.argv[2])))
+        raise SystemExit("usage: trl_arm.py --worker SPEC_FILE  (started by benchmarks/harness.py)")
+    raise SystemExit(worker(json.loads(Path(sys.argv[2]).read_text())))

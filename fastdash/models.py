@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
     # The paper-shaped CPU benchmark: the real vocabulary (the tied 151,936-row head dominates the
     # cost, as in the 0.5B model) on a body small enough for 2 cores.
-    "paper-cpu": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+    "paper-cpu": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     # The shipped model's shape, for tests that want a fresh random one.
     # rope_theta 1e4, not Qwen's 1e6: on 14-token sequences a 1e6 base leaves almost every rotary
