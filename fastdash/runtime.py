@@ -135,11 +135,14 @@ def _planned_engine(cfg: Config) -> str:
 
 def build_plan(cfg: Config, model, device: torch.device):
     """The memory plan (scheduler); pinned budgets are validated against it."""
+    from fastdash.distributed import planned_world, rank_call_samples
     from fastdash.scheduler import plan_memory
+
+    world = planned_world()  # a rank plans for its share of each step and engine call
 
     return plan_memory(
         model, max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
-        samples_per_step=cfg.train_batch_size, samples_per_generation=cfg.generation_batch_size,
+        samples_per_step=cfg.train_batch_size // world, samples_per_generation=rank_call_samples(cfg, world),
         beta=cfg.beta, engine=_planned_engine(cfg), compute_dtype=pick_device_and_dtype(cfg)[1],
         memory_budget=cfg.memory_budget,
         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, generation_concurrency=cfg.generation_concurrency,

@@ -16,6 +16,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from fastdash import distributed
 from fastdash.config import Config, load_config, save_config
 
 log = logging.getLogger("fastdash")
@@ -74,12 +75,22 @@ def _install_stop_handlers(stop: dict) -> dict:
 
 def run_training(cfg: Config, out: Path) -> dict:
     stop = {"signum": None}
+    distributed.setup(cfg)  # no-op for one process; torchrun's ranks join one group here
     previous = _install_stop_handlers(stop)
     try:
         return _run_training(cfg, out, stop)
+    except Exception as e:
+        if distributed.active():  # name the dead peer when a collective failed, leave our cause to the others
+            distributed.record_failure(e)
+            why = distributed.explain_failure(e) if distributed.collective_error(e) else None
+            if why:
+                raise distributed.PeerFailure(f"rank {distributed.rank()}: {why} ({type(e).__name__}: "
+                                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        distributed.teardown()
 
 
 def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
@@ -92,22 +103,27 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     from fastdash.trainer import Trainer
 
     t_start = time.perf_counter()
-    check_output_dir(cfg, out)
+    main = distributed.is_main()  # rank 0 logs, evaluates, plots and writes the final model
+    distributed.main_first(lambda: check_output_dir(cfg, out))
     run = build_run(cfg)
-    save_config(cfg, out / "config.yaml")
-    run.plan.log_and_save(str(out))  # memory_plan.json + the table (and any warning) in the log
+    if main:
+        save_config(cfg, out / "config.yaml")
+        run.plan.log_and_save(str(out))  # memory_plan.json + the table (and any warning) in the log
     trainer = Trainer(cfg, run)
     resumed_from = resume_if_asked(cfg, run, trainer, out)
-    metrics_log = MetricsLog(out / "metrics.jsonl", start_step=run.state.step)
+    metrics_log = MetricsLog(out / "metrics.jsonl", start_step=run.state.step) if main else distributed.NullLog()
     evals_path = out / "evals.jsonl"
     evals = []
     if resumed_from and evals_path.exists():  # keep evaluations up to the checkpoint; later ones (and the
         step = run.state.step                    # final one, redone below) would appear twice
         evals = [e for e in map(json.loads, evals_path.read_text().splitlines())
                  if e["step"] < step or (e["step"] == step < run.total_steps)]
-    evals_path.write_text("".join(json.dumps(e) + "\n" for e in evals))
+    if main:
+        evals_path.write_text("".join(json.dumps(e) + "\n" for e in evals))
 
     def record_eval(step):
+        if not main:  # the others wait at their next collective (dist_timeout_s > an evaluation)
+            return {}
         e = evaluate(run, step)
         evals.append(e)
         with evals_path.open("a") as f:
@@ -120,7 +136,8 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     else:
         before = record_eval(0)
     eval_s = time.perf_counter() - t_eval
-    bar = tqdm(total=run.total_steps, initial=run.state.step, desc="DASH", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.state.step, desc="DASH", unit="step", dynamic_ncols=True,
+               disable=not main)
     t_train = time.perf_counter()
     saved_step = run.state.step if resumed_from else None
 
@@ -130,6 +147,9 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
         return save_checkpoint(cfg, run, trainer, out)
 
     while run.state.step < run.total_steps:
+        if distributed.active():  # every rank stops after the same step, however the signals arrived
+            signums = distributed.all_gather_objects(stop["signum"])
+            stop["signum"] = next((s for s in signums if s is not None), None)
         if stop["signum"] is not None:
             path = out / f"checkpoint-{run.state.step}" if saved_step == run.state.step else save_now()
             raise TrainingInterrupted(stop["signum"], run.state.step, path)
@@ -139,7 +159,7 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
         except Exception:
             # Save the weights after the last completed step (no optimizer step of the failed one
             # reached them), so the error loses no training; the failed step's rollout is dropped.
-            if saved_step != run.state.step and run.state.step > 0:
+            if saved_step != run.state.step and run.state.step > 0 and not distributed.active():
                 try:
                     log.error("step %d failed; saving the state after step %d", run.state.step + 1, run.state.step)
                     save_now()
@@ -163,6 +183,8 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     after = record_eval(run.state.step)
     eval_s += time.perf_counter() - t_eval
     save_final(cfg, run, trainer, out, checkpoint=saved_step != run.state.step)
+    if not main:
+        return {}
     totals = {f"time/{p}_s": sum(r.get(f"time/{p}_s", 0.0) for r in metrics_log.rows) for p in PHASES}
     summary = {
         "eval/accuracy_before": before.get("eval/accuracy_greedy"),
@@ -209,6 +231,15 @@ def main(argv=None) -> int:
         from fastdash.models import load_model_and_tokenizer
 
         print(json.dumps(cfg.to_dict(), indent=2))
+        import torch
+
+        world, gpus = distributed.planned_world(), torch.cuda.device_count() if torch.cuda.is_available() else 0
+        try:
+            distributed.check_world(cfg, world, gpus)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(distributed.placement(cfg, world, gpus))
         device, dtype = pick_device_and_dtype(cfg)
         model, _ = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation)
         print(build_plan(cfg, model.to(device), device).to_table())
@@ -222,7 +253,11 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad data, checkpoint or config found while setting up: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report(summary, out)
+    except distributed.PeerFailure as e:  # another rank died: say which, no traceback of our own
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary:  # rank 0's
+        report(summary, out)
     return 0
 
 

@@ -1,0 +1,400 @@
+"""Several trainer ranks under torchrun: process group, rank helpers, gradient reduction, failures.
+
+`torchrun --nproc_per_node=N -m fastdash.train ...` (or any launcher that sets RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT) starts N ranks; `setup` joins them in one process group (gloo for CPU
+tensors, NCCL for CUDA tensors) whose collectives time out after `dist_timeout_s`.
+
+Data parallelism keeps the maths of one process (README "Several GPUs / torchrun"):
+- every optimizer step's prompts are split into contiguous shares, one per rank, so a group's G
+  samples stay on one rank and the union over ranks is the one-process step;
+- the step's loss normaliser is summed over ranks before the first micro-batch (`algo.global_sum`),
+  so each rank's loss is already its share of the global loss: after the backward loop the gradients
+  are summed once (`all_reduce_grads`, bucketed, fp32), which is exactly the one-process gradient.
+  We reduce ourselves rather than wrap the model in `DistributedDataParallel`: ranks run different
+  numbers of micro-batches (packing) or none at all (all filtered), and the fused loss reads the
+  lm_head weight outside the module's forward, neither of which DDP's reducer allows;
+- metrics are reduced over ranks; logging, the progress bar, evaluation, plots and the final model are
+  rank 0's; checkpoints are written collectively (`fastdash.checkpoint`).
+
+Failures: each rank writes a heartbeat to the rendezvous store every second and, when it fails with
+an exception, its cause. A rank whose collective fails (a peer's connection closed, or the timeout)
+looks there and names the dead rank and its cause; a watchdog ends a rank whose peer has been silent
+for longer than `dist_timeout_s`, so no rank hangs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("fastdash")
+HEARTBEAT_S = 1.0
+STALE_S = 6.0  # a heartbeat older than this means the rank is gone (loaded machines skip beats)
+BUCKET_BYTES = 25 * 2**20
+_watchdog: "_Watchdog | None" = None
+
+
+# ---------------------------------------------------------------- who am I -------------------------
+def launched() -> bool:
+    """Started by torchrun (or an equivalent launcher) with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def share(n: int, r: int | None = None, w: int | None = None) -> tuple[int, int]:
+    """Rank r's contiguous share [lo, hi) of n items (n divisible by the world size: validated)."""
+    r, w = rank() if r is None else r, world_size() if w is None else w
+    return n * r // w, n * (r + 1) // w
+
+
+def step_shares(n_prompts: int, prompts_per_step: int) -> list[tuple[int, int]]:
+    """This rank's prompt index ranges of a rollout: its contiguous share of every step's prompts
+    (a group stays on one rank; every step is spread over all ranks, also when a rollout feeds several)."""
+    w = world_size()
+    if w == 1:
+        return [(0, n_prompts)]
+    out = []
+    for start in range(0, n_prompts, prompts_per_step):
+        lo, hi = share(min(prompts_per_step, n_prompts - start))
+        out.append((start + lo, start + hi))
+    return out
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def planned_world() -> int:
+    """The world size torchrun set (also before / without the process group: --dry-run)."""
+    return world_size() if active() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank died or stopped answering; the message names it."""
+
+
+class NullLog:
+    """What ranks other than 0 write metrics to."""
+
+    rows: list = []
+
+    def write(self, row: dict) -> None:
+        pass
+
+
+def collective_error(e: BaseException) -> bool:
+    """An error raised by a collective (peer gone, connection closed, timeout), not by our own code."""
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe"))
+
+
+def rank_call_samples(cfg, world: int) -> int:
+    """The most samples one engine call of a rank holds (its share of the one-process call)."""
+    gen, train = cfg.generation_batch_size, cfg.train_batch_size
+    return gen // world if gen >= train else min(gen, train // world)
+
+
+def placement(cfg, world: int, cuda_devices: int) -> str:
+    """--dry-run: what each rank does and where the engines live."""
+    G, shape = cfg.num_generations, cfg.preemptive_sampling
+    per_step, per_rollout = cfg.train_batch_size // world, shape.samples // world
+    lines = [f"ranks: {world} ({resolve_parallelism(cfg)}: one fp32 replica each; gradients summed once per step)",
+             f"per rank: {per_step} samples ({per_step // G} prompts x G={G}) of each step, {per_rollout} of each "
+             f"rollout; engine calls of <= {rank_call_samples(cfg, world)} samples; the memory plan below is a rank's"]
+    if cfg.generation_gpus:
+        trainers = cuda_devices - cfg.generation_gpus
+        lines.append(f"placement: split; trainer ranks on GPUs 0..{trainers - 1}, vLLM engines on GPUs "
+                     f"{trainers}..{cuda_devices - 1}; weights broadcast over NCCL in buckets")
+    else:
+        where = "its own GPU (LOCAL_RANK)" if cuda_devices else "CPU"
+        lines.append(f"placement: colocated; every rank generates its share with its own engine on {where}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- start / stop ---------------------
+def check_world(cfg, world: int, cuda_devices: int) -> None:
+    """Bad combinations fail at start, naming the key and the fix."""
+    G, shape = cfg.num_generations, cfg.preemptive_sampling
+    if cfg.train_batch_size % (world * G):
+        raise ValueError(f"config: train_batch_size={cfg.train_batch_size}: must be a multiple of ranks x "
+                         f"num_generations = {world} x {G} (a group's samples stay on one rank); set it to "
+                         f"{max(1, cfg.train_batch_size // (world * G)) * world * G} or change --nproc_per_node")
+    if cfg.generation_gpus:
+        if cuda_devices == 0:
+            raise ValueError(f"config: generation_gpus={cfg.generation_gpus}: split placement needs CUDA GPUs and "
+                             "none is visible; set generation_gpus=0 (colocated)")
+        if cfg.generation_gpus >= cuda_devices:
+            raise ValueError(f"config: generation_gpus={cfg.generation_gpus}: only {cuda_devices} GPU(s) visible "
+                             "and the trainer needs at least one; lower generation_gpus")
+        if cfg.engine == "hf":
+            raise ValueError("config: generation_gpus>0 puts vLLM engines on their own GPUs; set engine=vllm")
+    if cfg.parallelism == "fsdp":
+        raise ValueError("config: parallelism='fsdp' is not supported yet: the fused loss reads the whole lm_head "
+                         "weight outside the module's forward (FSDP2 holds it as a sharded DTensor), and packed "
+                         "ranks run different numbers of micro-batches (FSDP2's per-forward all-gathers need equal "
+                         "counts); use parallelism=ddp (one full fp32 replica per rank) or auto")
+    if shape.samples_per_call % G:
+        raise ValueError(f"config: generation_batch_size={cfg.generation_batch_size}: must be a multiple of "
+                         f"num_generations={G}")
+
+
+def resolve_parallelism(cfg) -> str:
+    """auto = ddp, the one mode built (FSDP2 is refused at start by `check_world`)."""
+    return "ddp" if cfg.parallelism in ("auto", "ddp") else cfg.parallelism
+
+
+def setup(cfg) -> None:
+    """Join the process group torchrun described (no-op for one process); start the heartbeat."""
+    global _watchdog
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_world(cfg, world, cuda)
+    if world == 1 or active():
+        return
+    r = int(os.environ["RANK"])
+    timeout = timedelta(seconds=cfg.dist_timeout_s)
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    # under torchrun the store lives in the agent; a plain launcher's rank 0 hosts it
+    host = r == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(addr, port, world, is_master=host, timeout=timeout)
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=r, world_size=world, timeout=timeout)
+    _watchdog = _Watchdog(addr, port, r, world, cfg.dist_timeout_s, timeout)
+    log.info("rank %d of %d joined (%s, collective timeout %ds)", r, world, backend, cfg.dist_timeout_s)
+
+
+def teardown() -> None:
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def record_failure(exc: BaseException) -> None:
+    """Leave this rank's cause where the others look (best effort: the store may be gone)."""
+    if _watchdog is not None:
+        _watchdog.record(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+
+def explain_failure(exc: BaseException) -> str | None:
+    """For a failed collective: which peer is gone and why (from the store), or None when all are alive."""
+    if _watchdog is None:
+        return None
+    return _watchdog.diagnose(wait=STALE_S + HEARTBEAT_S)
+
+
+class _Watchdog:
+    """Heartbeats through its own store client (a thread of its own; the trainer's may be blocked)."""
+
+    def __init__(self, addr, port, r, world, limit_s, timeout):
+        self.r, self.world, self.limit_s = r, world, limit_s
+        self.store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._beat()
+        self.thread = threading.Thread(target=self._run, name="fastdash-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        self.store.set(f"fastdash/alive/{self.r}", repr(time.time()))
+
+    def record(self, cause: str) -> None:
+        try:
+            self.store.set(f"fastdash/failed/{self.r}", cause)
+        except Exception:  # noqa: BLE001 - the store's host may be the rank that died
+            pass
+
+    def silent(self) -> dict[int, float] | None:
+        """Peers whose last heartbeat is older than STALE_S: {rank: seconds}; None when the store is gone."""
+        now, out = time.time(), {}
+        try:
+            for p in range(self.world):
+                if p != self.r:
+                    age = now - float(self.store.get(f"fastdash/alive/{p}").decode())
+                    if age > STALE_S:
+                        out[p] = age
+        except Exception:  # noqa: BLE001 - connection refused / reset: the store's host is gone
+            return None
+        return out
+
+    def diagnose(self, wait: float) -> str:
+        deadline = time.time() + wait
+        while True:
+            silent = self.silent()
+            if silent is None:
+                return "rank 0 is gone (the rendezvous store it hosts is unreachable)"
+            if silent or time.time() > deadline:
+                break
+            time.sleep(HEARTBEAT_S / 2)
+        if not silent:
+            return "every peer still sends heartbeats (a collective timed out or a peer raised)" + self._causes()
+        return ", ".join(f"rank {p} is gone (no heartbeat for {age:.0f} s)" for p, age in silent.items()) + self._causes()
+
+    def _causes(self) -> str:
+        found = []
+        for p in range(self.world):
+            try:
+                if p != self.r and self.store.check([f"fastdash/failed/{p}"]):
+                    found.append(f"rank {p} failed with {self.store.get(f'fastdash/failed/{p}').decode()}")
+            except Exception:  # noqa: BLE001
+                pass
+        return ("; " + "; ".join(found)) if found else ""
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001
+                pass
+            silent = self.silent()
+            gone = {0: float("inf")} if silent is None else silent
+            if any(age > self.limit_s for age in gone.values()):
+                # the main thread may sit in a collective that never errors (NCCL without async error
+                # handling): end the process rather than hang
+                log.error("rank %d: %s for longer than dist_timeout_s=%ds; exiting", self.r,
+                          ", ".join(f"rank {p} silent" for p in gone), self.limit_s)
+                logging.shutdown()
+                os._exit(1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=2 * HEARTBEAT_S)
+
+
+# ---------------------------------------------------------------- collectives ----------------------
+def _device_for_collectives() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sum_floats(*values: float) -> list[float]:
+    """Sum each value over ranks, in one all_reduce (float64: counts stay exact)."""
+    if not active():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's equally shaped `t` along dim 0, in rank order."""
+    if not active():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_objects(obj) -> list:
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def main_first(fn):
+    """Run fn on rank 0 first, then on the others; rank 0's error is raised on every rank."""
+    err = None
+    if is_main():
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            err = e
+    msg = broadcast_object(None if err is None else f"{err}")
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise ValueError(msg)
+    if not is_main():
+        fn()
+
+
+def all_reduce_grads(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum every trainable parameter's gradient over ranks (missing gradients count as zero), in
+    buckets of flattened fp32 tensors: one all_reduce per bucket, as DDP's reducer would do."""
+    if not active():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # a rank whose samples were all filtered still takes part
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for p in params:
+        bucket.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+        if size >= bucket_bytes:
+            _reduce_bucket(bucket)
+            bucket, size = [], 0
+    if bucket:
+        _reduce_bucket(bucket)
+
+
+def _reduce_bucket(grads: list[torch.Tensor]) -> None:
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+SUMMED = ("loss", "microbatches", "tokens/loss", "tokens/padding", "tokens/real", "mismatch/tokens")
+
+
+def reduce_step_stats(stats: dict) -> dict:
+    """One optimizer step's backward statistics over ranks: counts and the loss (already a share of the
+    global loss) summed, maxima maxed, the rest token-weighted means (clip fraction, KL, mismatch)."""
+    if not active():
+        return stats
+    parts = all_gather_objects(stats)
+    out = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        values = [(p[key], p.get("tokens/loss", 0)) for p in parts if key in p and p[key] is not None]
+        if not values:
+            out[key] = None
+        elif key in SUMMED:
+            out[key] = sum(v for v, _ in values)
+        elif key.endswith("_max"):
+            out[key] = max(v for v, _ in values)
+        else:
+            weight = sum(t for _, t in values)
+            out[key] = sum(v * t for v, t in values) / weight if weight else 0.0
+    return out

@@ -1,0 +1,62 @@
+"""One optimizer step per case, on however many ranks launched this script (RANK / WORLD_SIZE set as
+torchrun sets them); tests/test_distributed.py compares the ranks' results with one process's.
+
+    python tests/dist_worker.py OUT_DIR      # writes OUT_DIR/case<i>-rank<r>.pt
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import ScriptedEngine, digit_sum_reward, sgd, tiny_config  # noqa: E402
+
+from fastdash import distributed  # noqa: E402
+
+# every loss type, filter on, beta 0 and > 0; then Multi (old log-probs), batch-std advantages, padding
+CASES = [dict(loss_type=lt, beta=beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo") for beta in (0.0, 0.04)]
+CASES += [dict(loss_type="dapo", num_iterations=2, scale_rewards="batch", packing=False)]
+
+
+def config(**case):
+    return tiny_config(model="tiny-arith", num_threads=1, dist_timeout_s=60, **case)
+
+
+def one_step(case: dict) -> dict:
+    """A run on the scripted engine, one step with SGD(lr=1): gradients before it, weights after."""
+    from fastdash.runtime import build_run
+    from fastdash.trainer import Trainer
+
+    cfg = config(**case)
+    run = build_run(cfg, with_plan=False)
+    run.engine = ScriptedEngine(max_len=cfg.max_completion_length)
+    run.reward_fn = digit_sum_reward
+    sgd(run, lr=1.0)
+    trainer = Trainer(cfg, run)
+    grads = {}
+    step = trainer._optimizer_step
+
+    def capture():
+        grads.update({n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None})
+        return step()
+
+    trainer._optimizer_step = capture
+    metrics = trainer.step()
+    weights = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    return {"grads": grads, "weights": weights, "metrics": metrics, "world": distributed.world_size(),
+            "engine_rows": sum(run.engine.calls)}
+
+
+def main(out: Path) -> None:
+    distributed.setup(config(**CASES[0]))
+    try:
+        for i, case in enumerate(CASES):
+            torch.save(one_step(case), out / f"case{i}-rank{distributed.rank()}.pt")
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
