@@ -342,3 +342,68 @@ def test_data_parallel_sync_after_an_optimizer_step(dp_setup):
     assert mismatch(rr) > 1e-2
     rr.sync_weights(model)
     assert mismatch(rr) < 1e-4
+
+
+# ------------------------------------------------------------------ speculative decoding (issue 16.4) --
+@needs_vllm
+def test_speculative_ngram_keeps_greedy_outputs(setup):
+    """speculative={method: ngram} passes through to vLLM; greedy completions are those of the plain
+    engine (proposals are verified by the target model), and sampler log-probs still come back."""
+    from fastdash.rollout.vllm import VLLMEngine
+
+    engine, _, model, tok = setup
+    cfg = _config(max_prompt_length=160, speculative={"method": "ngram", "num_speculative_tokens": 3,
+                                                      "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    try:  # own process: a second in-process vLLM would share the first one's globals
+        spec = VLLMEngine(cfg, model, tok, own_process=True)
+    except RuntimeError as e:
+        assert "speculative=null" in str(e)  # the clear message where this build does not support it
+        pytest.skip(f"this vLLM build has no speculative decoding here: {e}")
+    try:
+        engine.sync_weights(model)  # both engines on the very same weights
+        prompts = [_ids(tok, "12+12=12+12=12+"), _ids(tok, "7*7=49 7*7="), _ids(tok, "abcabcabcab")]
+        params = SamplingParams(max_tokens=8, greedy=True)
+        plain, fast = engine.generate(prompts, 1, params), spec.generate(prompts, 1, params)
+        assert [c.completion_ids for c in fast] == [c.completion_ids for c in plain]
+        assert all(c.sampler_logps is not None and len(c.sampler_logps) == len(c.completion_ids) for c in fast)
+    finally:
+        spec.shutdown()
+
+
+def test_speculative_config_reaches_vllm_and_an_unsupported_build_says_what_to_do(monkeypatch):
+    """No vLLM needed: a stand-in `vllm.LLM` records what the engine passes, or fails as vLLM's older
+    CPU backend does ('spec decode is not supported')."""
+    import types
+
+    from fastdash.models import char_tokenizer, random_model
+    from fastdash.rollout.vllm import VLLMEngine
+
+    seen, fail = {}, []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            if fail:
+                raise AssertionError("spec decode is not supported.")
+
+        def collective_rpc(self, *args, **kwargs):
+            pass
+
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_unspecified=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, platforms=platforms))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)  # the engine restores it
+    tok = char_tokenizer()
+    model = random_model("tiny", vocab_size=len(tok))
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    VLLMEngine(_config(speculative=spec), model, tok)
+    assert seen["speculative_config"] == spec
+    seen.clear()
+    VLLMEngine(_config(), model, tok)
+    assert "speculative_config" not in seen
+    fail.append(1)
+    with pytest.raises(RuntimeError, match="set speculative=null"):
+        VLLMEngine(_config(speculative=spec), model, tok)

@@ -112,6 +112,8 @@ class VLLMEngine:
                           enable_sleep_mode=self.sleep_enabled, enforce_eager=cfg.vllm_enforce_eager)
         else:
             kwargs.update(enforce_eager=True)  # the CPU backend has no graph capture to gain from
+        if cfg.speculative:  # n-gram / suffix / draft proposals; rejection sampling keeps the distribution
+            kwargs["speculative_config"] = dict(cfg.speculative)
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
 
@@ -119,6 +121,11 @@ class VLLMEngine:
             with _scoped_env(env):
                 self.llm = LLM(**kwargs)
         except Exception as e:
+            if cfg.speculative:
+                raise RuntimeError(f"vLLM failed to start with speculative={cfg.speculative} ({type(e).__name__}: "
+                                   f"{e}); this vLLM build may not support it on {'CUDA' if self.on_cuda else 'CPU'} "
+                                   "(older CPU backends assert 'spec decode is not supported'): set "
+                                   "speculative=null, or run on the CUDA build") from e
             raise RuntimeError(f"vLLM failed to start ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
         if not self.on_cuda and self.in_process:
             # The CPU worker replaces torch.set_num_threads with a no-op process-wide (it guards the
@@ -132,8 +139,9 @@ class VLLMEngine:
         where = "in-process" if self.in_process else f"own process, devices {devices}"
         memory = (f"gpu_memory_utilization {kwargs['gpu_memory_utilization']:.2f}, sleep {self.sleep_enabled}"
                   if self.on_cuda else f"CPU KV cache {({**os.environ, **env})['VLLM_CPU_KVCACHE_SPACE']} GiB")
-        log.info("vllm engine %d: %s, dtype %s, max_num_seqs %d, max_model_len %d, tp %d, %s, %s", rank, path,
-                 kwargs["dtype"], self.max_num_seqs, self.max_model_len, self.tp, where, memory)
+        log.info("vllm engine %d: %s, dtype %s, max_num_seqs %d, max_model_len %d, tp %d, %s, %s, speculative %s",
+                 rank, path, kwargs["dtype"], self.max_num_seqs, self.max_model_len, self.tp, where, memory,
+                 cfg.speculative)
 
     # ------------------------------------------------------------------ setup --------------------
     def _cpu_kv_gib(self, model, plan) -> int:
