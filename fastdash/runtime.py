@@ -171,7 +171,7 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     total = count_steps(cfg, len(train))
     optimizer, lr_scheduler = build_optimizer(cfg, model, total)
     plan = build_plan(cfg, model, device) if with_plan else None
-    engine = make_engine(cfg, model, tok, plan)
+    engine = make_engine(cfg, model, tok, plan, compute_dtype=dtype)  # bf16 compute: the HF engine keeps a bf16 copy
     reward_fn = get_reward_fn(cfg.reward or DEFAULT_REWARD[cfg.task])
     return Run(cfg=cfg, device=device, model=model, ref_model=ref_model, tokenizer=tok, engine=engine,
                train_problems=train, eval_problems=evals, reward_fn=reward_fn, optimizer=optimizer,

@@ -92,3 +92,15 @@ def test_bf16_run_learns_like_fp32():
     gain32, gain16 = b32 - a32, b16 - a16
     assert gain32 > 0.05, f"fp32 run did not learn ({a32:.3f} -> {b32:.3f}): the comparison would be vacuous"
     assert gain16 >= 0.6 * gain32 and abs(b16 - b32) <= 0.08, (a32, b32, a16, b16)
+
+
+def test_hf_engine_generates_from_a_bf16_copy_that_follows_the_masters():
+    cfg = Config(dtype="bfloat16", max_steps=1, train_batch_size=16, generation_batch_size=16,
+                 num_eval_problems=8, eval_sampled=False, max_tokens_per_microbatch=4096)
+    run = build_run(cfg, with_plan=False)
+    engine_params = list(run.engine.model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in engine_params) and run.engine.model is not run.model
+    Trainer(cfg, run).step()  # the step ends with the weight sync
+    for (name, master), copy in zip(run.model.named_parameters(), run.engine.model.parameters()):
+        assert torch.equal(copy, master.detach().to(torch.bfloat16)), name
+
