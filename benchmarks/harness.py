@@ -169,12 +169,12 @@ def _resolved(cfg: Config, run, trainer) -> dict:
 
 
 def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 2, warmup: int = 1,
-            evaluate: bool | None = None, factory=None, log_fn=print) -> dict:
+            evaluate: bool | None = None, factory=None, log_fn=print, after_seed=None) -> dict:
     """Run every arm for `steps` optimizer steps per seed, steps interleaved across arms.
 
     The first `warmup` steps of each arm and seed train (and count for learning) but are not
-    timed. `factory(arm, cfg, feed)` builds an ArmRun-like object (tests inject fakes).
-    Returns the raw records: {"steps": [...], "evals": [...], "setup": [...]}."""
+    timed. `factory(arm, cfg, feed)` builds an ArmRun-like object (tests inject fakes);
+    `after_seed(raw)` runs after each seed (run_suite writes the report so far). Returns the raw records: {"steps": [...], "evals": [...], "setup": [...]}."""
     if steps <= warmup:
         raise ValueError(f"steps={steps} must exceed warmup={warmup}: nothing would be timed")
     unknown = [a for a in arms if a not in ARMS and a not in TRL_ARMS]
@@ -207,6 +207,8 @@ def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 2, w
         for r in runs.values():
             getattr(r, "close", lambda: None)()  # TRL workers exit
         del runs
+        if after_seed is not None:
+            after_seed(raw)
     return raw
 
 
@@ -229,12 +231,18 @@ def run_suite(size_name: str | None = None, *, seeds=None, steps: int | None = N
     size = {**SIZES[size_name], **(size_overrides or {})}
     skipped = trl_skip(device, size)
     arms = tuple(arms or DEFAULT_ARMS + (shape["trl"] if skipped is None else ()))
-    raw = measure(arms, size=size, seeds=seeds, steps=steps, warmup=warmup)
-    report = build_report(raw, device=device, size_name=size_name, size=size, seeds=seeds, steps=steps,
-                          warmup=warmup, arm_configs={a: ARMS.get(a) or TRL_ARMS[a] for a in arms},
-                          learning=is_learning_task(size), trl_skipped=skipped if not set(TRL_ARMS) & set(arms) else None)
-    if out_dir is not None:
-        report["outputs"] = {k: str(v) for k, v in write_outputs(report, out_dir).items()}
+
+    def report_of(raw: dict) -> dict:
+        done = sorted({r["seed"] for r in raw["steps"]})
+        report = build_report(raw, device=device, size_name=size_name, size=size, seeds=done, steps=steps,
+                              warmup=warmup, arm_configs={a: ARMS.get(a) or TRL_ARMS[a] for a in arms},
+                              learning=is_learning_task(size),
+                              trl_skipped=skipped if not set(TRL_ARMS) & set(arms) else None)
+        if out_dir is not None:  # rewritten after every seed: a run cut short keeps its finished seeds
+            report["outputs"] = {k: str(v) for k, v in write_outputs(report, out_dir).items()}
+        return report
+
+    report = report_of(measure(arms, size=size, seeds=seeds, steps=steps, warmup=warmup, after_seed=report_of))
     print("\n" + format_table(report))
     return report
 
