@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fastdash.config import Config
-from fastdash.data import load_task
+from fastdash.data import load_task, prompt_key, render_prompt
 from fastdash.memory_plan import MemoryPlan
 from fastdash.metrics import PhaseTimer
 from fastdash.models import load_model_and_tokenizer
@@ -23,7 +23,7 @@ from fastdash.rollout import Engine, make_engine
 from fastdash.trainer import TrainState
 
 log = logging.getLogger("fastdash")
-DEFAULT_REWARD = {"arithmetic": "arithmetic", "gsm8k": "gsm8k", "math": "math", "mbpp": "code"}
+DEFAULT_REWARD = {"arithmetic": "arithmetic", "arithmetic_chat": "gsm8k", "gsm8k": "gsm8k", "math": "math", "mbpp": "code"}
 
 
 @dataclass
@@ -52,9 +52,9 @@ class Run:
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def prompt_ids(self, problem: dict) -> list[int]:
-        key = problem["prompt"]
+        key = prompt_key(problem["prompt"])  # text, or chat messages rendered with the tokenizer's template
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = self.tokenizer(key, add_special_tokens=False).input_ids
+            self._prompt_cache[key] = render_prompt(self.tokenizer, problem["prompt"], self.cfg)
         return self._prompt_cache[key]
 
     def decode(self, ids: list[int]) -> str:
@@ -90,7 +90,7 @@ def count_steps(cfg: Config, n_problems: int) -> int:
 
 
 def _drop_long_prompts(cfg: Config, tok, problems: list[dict], what: str) -> list[dict]:
-    kept = [p for p in problems if len(tok(p["prompt"], add_special_tokens=False).input_ids) <= cfg.max_prompt_length]
+    kept = [p for p in problems if len(render_prompt(tok, p["prompt"], cfg)) <= cfg.max_prompt_length]
     if len(kept) < len(problems):
         log.warning("%s: skipped %d of %d problems whose prompt is longer than max_prompt_length=%d tokens",
                     what, len(problems) - len(kept), len(problems), cfg.max_prompt_length)

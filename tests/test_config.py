@@ -21,7 +21,7 @@ def test_defaults_are_the_tiny_dash_run():
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_loads(path):
     cfg = load_config(str(path))
-    if path.stem != "tiny":
+    if "qwen2.5" in path.stem:  # the paper's recipes (tiny and smollm2 are CPU runs)
         assert cfg.learning_rate == 3e-6 and cfg.num_generations == 4 and cfg.loss_type == "dr_grpo"
         assert cfg.max_completion_length == 2048 and cfg.top_k == 50 and cfg.temperature == 0.9
 

@@ -4,15 +4,22 @@ from __future__ import annotations
 import logging
 
 from fastdash.data.arithmetic import make_problems
+from fastdash.data.chat import prompt_key, render_prompt
+from fastdash.data.word_problems import make_word_problems
+
+__all__ = ["load_task", "prompt_key", "render_prompt"]
+BUILTIN = {"arithmetic": make_problems, "arithmetic_chat": make_word_problems}
 
 log = logging.getLogger("fastdash")
 
 
 def load_task(cfg) -> tuple[list[dict], list[dict]]:
-    """(train problems, held-out problems). Each problem has `prompt` and `answer` at least."""
-    if cfg.task == "arithmetic" and cfg.dataset is None:
-        return (make_problems(cfg.num_train_problems, split="train", seed=cfg.seed),
-                make_problems(cfg.num_eval_problems, split="heldout", seed=0))
+    """(train problems, held-out problems). Each problem has `prompt` (text or a list of chat
+    messages, see `fastdash.data.chat`) and `answer` at least."""
+    if cfg.task in BUILTIN and cfg.dataset is None:
+        make = BUILTIN[cfg.task]
+        return (make(cfg.num_train_problems, split="train", seed=cfg.seed),
+                make(cfg.num_eval_problems, split="heldout", seed=0))
     from fastdash.data.loaders import load_problems
 
     train = load_problems(cfg.dataset, task=cfg.task, split=cfg.dataset_split, prompt_template=cfg.prompt_template)

@@ -3,6 +3,10 @@
 A problem is a dict with at least ``prompt`` (the templated prompt text) and ``answer`` (the gold
 answer the reward uses), plus the row's other columns and task extras (``tests`` for code).
 
+For ``plain``, ``prompt`` may also be a list of chat messages (TRL's conversational format,
+``[{"role": "user", "content": ...}]``); it is kept as a list and rendered with the tokenizer's
+chat template when the prompt is tokenized (``fastdash.data.chat``).
+
 Sources: a directory (a ``save_to_disk`` dataset, or data files that ``datasets.load_dataset``
 can read), a ``.jsonl`` / ``.json`` / ``.parquet`` file, or a dataset name, which is only read
 from the local HF cache: nothing is downloaded here.
@@ -18,6 +22,7 @@ import string
 from collections import Counter
 from typing import Callable
 
+from fastdash.data.chat import check_messages, is_messages
 from fastdash.rewards.math import extract_boxed
 
 logger = logging.getLogger("fastdash")
@@ -101,11 +106,19 @@ def _mbpp(row: dict) -> dict:
 
 
 def _plain(row: dict) -> dict:
-    _text(row, "prompt")
+    if is_messages(row.get("prompt")):  # TRL's conversational format: rendered later (data/chat.py)
+        try:
+            messages = check_messages(row["prompt"])
+        except ValueError as e:
+            raise _Skip(str(e).split(";")[0]) from None
+        extra = {"messages": messages}
+    else:
+        _text(row, "prompt")
+        extra = {}
     answer = row.get("answer")
     if answer is None or str(answer).strip() == "":
         raise _Skip("missing column answer")
-    return {"answer": str(answer)}
+    return {**extra, "answer": str(answer)}
 
 
 TASKS: dict[str, Callable[[dict], dict]] = {"gsm8k": _gsm8k, "math": _math, "mbpp": _mbpp,
@@ -209,13 +222,17 @@ def load_problems(
         try:
             extra = parse(row)
             fields = {**row, **extra}
+            messages = fields.pop("messages", None)
+            if messages is not None and prompt_template not in (None, "{prompt}"):
+                raise ValueError(f"data: {source!r} has chat-message prompts; prompt_template formats text "
+                                 "prompts only: drop it (system_prompt adds a system message)")
             try:
-                prompt = template.format(**fields)
+                prompt = messages or template.format(**fields)
             except KeyError as e:
                 raise _Skip(f"prompt template needs column {e.args[0]!r}") from None
             except (IndexError, ValueError) as e:
                 raise ValueError(f"data: bad prompt_template {template!r}: {e}") from e
-            if not prompt.strip():
+            if isinstance(prompt, str) and not prompt.strip():
                 raise _Skip("empty prompt")
         except _Skip as e:
             skipped[str(e)] += 1
