@@ -101,8 +101,8 @@ def environment(size: dict) -> dict:
            "cuda_available": torch.cuda.is_available(),
            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "nvidia_smi": run(["nvidia-smi"])[1][-3000:], "packages": {}}
-    for name in ("triton", "transformers", "liger_kernel", "flash_attn", "vllm", "datasets", "math_verify", "trl",
-                 "pytest_benchmark"):
+    for name in ("triton", "transformers", "liger_kernel", "cut_cross_entropy", "flash_attn", "vllm", "datasets",
+                 "math_verify", "trl", "pytest_benchmark"):
         found = importlib.util.find_spec(name) is not None
         dist = {"liger_kernel": "liger-kernel", "flash_attn": "flash-attn", "math_verify": "math-verify",
                 "pytest_benchmark": "pytest-benchmark"}.get(name, name)

@@ -129,9 +129,9 @@ def kernel_speed(size: dict) -> dict:
     import importlib.util
 
     d, dtype, V, rows = _dev(), size["dtype"], size["vocab"], []
-    backends = ["triton", "torch", "liger", "reference"] if d.type == "cuda" else ["torch", "reference"]
-    if importlib.util.find_spec("liger_kernel") is None:
-        backends = [b for b in backends if b != "liger"]
+    backends = ["triton", "torch", "liger", "cce", "reference"] if d.type == "cuda" else ["torch", "reference"]
+    optional = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}  # baselines, where installed
+    backends = [b for b in backends if b not in optional or importlib.util.find_spec(optional[b]) is not None]
     for N, H in itertools.product(size["speed_n"], size["hidden_speed"]):
         x, w, y, cu, adv = _case([N // 4] * 4, H, V, False, dtype, seed=0)
         mm = _timed(lambda: x @ w.T, size["reps"])
