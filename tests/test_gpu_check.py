@@ -56,3 +56,10 @@ def test_cli_dry_run_writes_at_most_8_flat_files(tmp_path):
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert [s["step"] for s in checks["steps"]] == list(range(8)) and all(s["ok"] is not False for s in checks["steps"])
     assert "| 7 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_fastdash_trains_a_random_preset_without_datasets_or_math_verify():
+    """The GPU image has neither: importing fastdash and training must not need them."""
+    p = subprocess.run([sys.executable, "-c", gpu_check._NO_DATASETS], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert p.returncode == 0 and "trained one step" in p.stdout, p.stderr[-3000:]
