@@ -7,6 +7,12 @@ the token budget and any rollout samples not yet trained on (Mini / Multi reuse 
 steps). It is written under a temporary name and renamed into place only once complete (with a
 `COMPLETE` marker inside), so a kill during a save never leaves a half checkpoint that looks whole.
 `trainer_state.pt` is a pickle: load only checkpoints you (or your runs) wrote.
+
+Several ranks (DDP: every rank holds the same full fp32 weights and optimizer state) write one
+checkpoint collectively: rank 0 writes the weights and states above plus `rank_states.pt`, every
+rank's RNG, token budget and rollout buffer (its shares of the step batches not yet trained on),
+gathered to it. The same world size resumes each rank exactly; another world size merges the
+buffers' step batches and re-splits them over the new ranks (and says so).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from fastdash import distributed
 from fastdash.config import save_config
 
 log = logging.getLogger("fastdash")
@@ -109,6 +116,10 @@ def recover(out: Path) -> None:
 
 def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
     step = run.state.step
+    ranks = distributed.gather_objects({"rng": _rng_state(), "buffer": trainer.buffer, "budget": trainer.budget})
+    if not distributed.is_main():  # rank 0 writes; the others wait until the checkpoint is complete
+        distributed.barrier()
+        return out / f"checkpoint-{step}"
 
     def write(d: Path):
         run.model.save_pretrained(d, safe_serialization=True)
@@ -117,11 +128,14 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
         torch.save({"format": FORMAT, "optimizer": run.optimizer.state_dict(),
                     "lr_scheduler": run.lr_scheduler.state_dict(), "state": dataclasses.asdict(run.state),
                     "rng": _rng_state(), "buffer": trainer.buffer, "budget": trainer.budget,
-                    "config": cfg.to_dict()}, d / "trainer_state.pt")
+                    "config": cfg.to_dict(), "world": len(ranks)}, d / "trainer_state.pt")
+        if len(ranks) > 1:
+            torch.save(ranks, d / "rank_states.pt")
 
     path = _write_atomically(out / f"checkpoint-{step}", write)
     log.info("saved checkpoint %s", path)
     _prune(out, cfg.save_total_limit)
+    distributed.barrier()
     return path
 
 
@@ -135,6 +149,8 @@ def save_final(cfg, run, trainer, out: Path, checkpoint: bool = True) -> Path:
     saved (`checkpoint=False`), a full checkpoint of the last step (fp32 master weights: exact resume)."""
     if checkpoint:
         save_checkpoint(cfg, run, trainer, out)
+    if not distributed.is_main():
+        return out / "final"
     dtype = final_dtype(cfg, run)
 
     def write(d: Path):
@@ -261,6 +277,7 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
     trainer.buffer = blob.get("buffer", [])
     trainer.budget = blob.get("budget", trainer.budget)
     _set_rng_state(blob["rng"])
+    _restore_rank_state(cfg, trainer, path, blob)
     trainer.engine.sync_weights(run.model)  # an engine with its own copy (vLLM) built before the load
     log.info("resumed from %s at step %d", path, run.state.step)
 
@@ -271,3 +288,49 @@ def _set_base_lr(sched, lr: float) -> None:
     for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
         group["initial_lr"] = lr
         group["lr"] = lr * fn(sched.last_epoch)
+
+
+def _restore_rank_state(cfg, trainer, path: Path, blob: dict) -> None:
+    """This rank's buffer, budget and RNG; re-split over the ranks when the world size changed."""
+    saved, now, r = blob.get("world", 1), distributed.world_size(), distributed.rank()
+    if saved == now == 1:
+        return
+    ranks = torch.load(path / "rank_states.pt", weights_only=False) if saved > 1 else \
+        [{"rng": blob["rng"], "buffer": blob.get("buffer", []), "budget": blob.get("budget")}]
+    mine = ranks[min(r, saved - 1)]
+    trainer.budget = mine["budget"] if mine["budget"] is not None else trainer.budget
+    _set_rng_state(mine["rng"])
+    if saved == now:
+        trainer.buffer = mine["buffer"]
+        return
+    trainer.buffer = [split_step_batch(merge_step_batches(parts), r, now, cfg.mask_truncated_completions)
+                      for parts in zip(*(rank["buffer"] for rank in ranks))]
+    log.warning("resume: %s was written by %d rank(s), this run has %d: the %d step batches not yet trained "
+                "on are re-split over the new ranks (rank %d continues rank %d's RNG); the maths are the same, "
+                "the floating-point sums are not bit-identical to the %d-rank run",
+                path, saved, now, len(trainer.buffer), r, min(r, saved - 1), saved)
+
+
+def merge_step_batches(parts):
+    """One step's batch from every rank's share (rank order = the step's sample order)."""
+    from fastdash.trainer import StepBatch
+
+    samples, kept = [], []
+    for b in parts:
+        by_uid = {s.uid: s for s in b.kept}  # kept holds the samples with their old / reference log-probs
+        samples += b.samples
+        kept += [(len(samples) - len(b.samples) + i, by_uid[s.uid]) for i, s in enumerate(b.samples) if s.uid in by_uid]
+    batch = StepBatch(tuple(samples), tuple(s for _, s in kept), parts[0].normaliser, sum(b.masked for b in parts))
+    return batch, [i for i, _ in kept]
+
+
+def split_step_batch(merged, r: int, world: int, mask_truncated: bool):
+    """Rank r's contiguous share of a merged step batch (groups stay whole: validated at start)."""
+    from fastdash.trainer import StepBatch
+
+    batch, kept_at = merged
+    lo, hi = distributed.share(len(batch.samples), r, world)
+    kept = tuple(s for i, s in zip(kept_at, batch.kept) if lo <= i < hi)
+    mine = batch.samples[lo:hi]
+    masked = sum(1 for s in mine if not s.completion_ids or (mask_truncated and s.truncated))  # as algo.loss_mask
+    return StepBatch(mine, kept, batch.normaliser, masked)

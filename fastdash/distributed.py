@@ -214,7 +214,7 @@ class _Watchdog:
     def __init__(self, addr, port, r, world, limit_s, timeout):
         self.r, self.world, self.limit_s = r, world, limit_s
         self.store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
-        self.started = time.time()
+        self.unreachable_since: float | None = None
         self._stop = threading.Event()
         self._beat()
         self.thread = threading.Thread(target=self._run, name="fastdash-heartbeat", daemon=True)
@@ -272,7 +272,12 @@ class _Watchdog:
             except Exception:  # noqa: BLE001
                 pass
             silent = self.silent()
-            gone = {0: float("inf")} if silent is None else silent
+            if silent is None:  # the store's host (rank 0) is gone, or only briefly unreachable
+                self.unreachable_since = self.unreachable_since or time.time()
+                silent = {0: time.time() - self.unreachable_since}
+            else:
+                self.unreachable_since = None
+            gone = silent
             if any(age > self.limit_s for age in gone.values()):
                 # the main thread may sit in a collective that never errors (NCCL without async error
                 # handling): end the process rather than hang
@@ -307,6 +312,15 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def gather_objects(obj) -> list | None:
+    """Every rank's obj on rank 0 (in rank order); None on the others."""
+    if not active():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def all_gather_objects(obj) -> list:

@@ -83,3 +83,111 @@ def test_two_ranks_step_equals_one_process(tmp_path):
                     "completion/mean_length", "mask/dropped_samples"):
             assert ranks[0]["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-12), (case, key)
         assert ranks[0]["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-5, abs=1e-7), case
+
+
+# ---------------------------------------------------------------- whole runs ---------------------
+def train_args(out: Path, *extra: str) -> list[str]:
+    return ["-m", "fastdash.train", "max_steps=4", "train_batch_size=16", "generation_batch_size=16",
+            "num_train_problems=64", "num_eval_problems=8", "eval_sampled=false", "eval_steps=0", "plots=false",
+            "save_steps=1", "save_total_limit=null", "num_threads=1", "max_tokens_per_microbatch=256",
+            "dist_timeout_s=30", f"output_dir={out}", *extra]
+
+
+def weights(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "model.safetensors")
+
+
+def _wait_for(path: Path, procs, timeout: float) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        if any(p.poll() is not None for p in procs) or time.time() > deadline:
+            texts = [p.communicate(timeout=60)[0] if p.poll() is not None else "(running)" for p in procs]
+            raise AssertionError(f"{path} never appeared:\n" + "\n".join(t[-2000:] for t in texts))
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bit_identical_and_resumes_on_one_rank(tmp_path):
+    import shutil
+    import signal
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    steps = "max_steps=8"  # killed once checkpoint-2 is complete: mid-run
+    for rc, text in wait_all(launch(train_args(full, steps)), timeout=600):
+        assert rc == 0, text[-3000:]
+    procs = launch(train_args(cut, steps))
+    _wait_for(cut / "checkpoint-2" / "COMPLETE", procs, timeout=600)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=60)
+    one = tmp_path / "one"  # the 2-rank checkpoint-2, resumed on one rank
+    shutil.copytree(cut, one)
+    for extra in one.glob("checkpoint-*"):
+        if extra.name != "checkpoint-2":
+            shutil.rmtree(extra)
+    assert not (cut / "checkpoint-8").exists()
+    for rc, text in wait_all(launch(train_args(cut, steps, "resume=auto")), timeout=600):
+        assert rc == 0, text[-3000:]
+    a, b = weights(full / "checkpoint-8"), weights(cut / "checkpoint-8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    done = subprocess.run([sys.executable, *train_args(one, "resume=auto")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "written by 2 rank(s), this run has 1" in done.stderr
+    assert (one / "checkpoint-4" / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_survivor_naming_it(tmp_path):
+    import signal
+    import time
+
+    procs = launch(train_args(tmp_path, "max_steps=400", "save_steps=0", "dist_timeout_s=20"))
+    _wait_for(tmp_path / "metrics.jsonl", procs, timeout=600)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    rc, text = wait_all(procs[:1], timeout=20 + 30)[0]
+    took = time.time() - t0
+    assert rc != 0 and took < 20 + 15, (rc, took, text[-2000:])
+    assert "rank 1 is gone" in text, text[-2000:]
+
+
+# ---------------------------------------------------------------- refused at start ---------------
+def test_bad_combinations_fail_at_start_naming_the_key():
+    from fastdash import distributed
+    from fastdash.config import Config
+
+    with pytest.raises(ValueError, match="train_batch_size=16: must be a multiple of ranks x num_generations = 3 x 4"):
+        distributed.check_world(Config(train_batch_size=16, generation_batch_size=16), 3, 0)
+    with pytest.raises(ValueError, match="parallelism='fsdp'"):
+        distributed.check_world(Config(parallelism="fsdp"), 2, 0)
+    with pytest.raises(ValueError, match="generation_gpus=1: split placement needs CUDA"):
+        distributed.check_world(Config(generation_gpus=1, engine="vllm"), 2, 0)
+    with pytest.raises(ValueError, match="generation_gpus=2: only 2 GPU"):
+        distributed.check_world(Config(generation_gpus=2, engine="vllm"), 1, 2)
+    with pytest.raises(ValueError, match="parallelism"):
+        Config(parallelism="zero3")
+    with pytest.raises(ValueError, match="dist_timeout_s"):
+        Config(dist_timeout_s=0)
+    distributed.check_world(Config(), 2, 0)  # the default run splits over 2 ranks
+
+
+def test_step_shares_cover_every_step_once():
+    from fastdash import distributed
+
+    # Mini: a rollout of 8 prompts feeding 4 steps of 2 prompts; 2 ranks take one prompt of each step
+    got = [[(a, b) for a, b in _shares(8, 2, r, 2)] for r in range(2)]
+    assert got == [[(0, 1), (2, 3), (4, 5), (6, 7)], [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    assert distributed.step_shares(8, 2) == [(0, 8)]  # one process: everything
+
+
+def _shares(n, per_step, r, w):
+    from fastdash import distributed
+
+    return [(s + distributed.share(per_step, r, w)[0], s + distributed.share(per_step, r, w)[1])
+            for s in range(0, n, per_step)]
