@@ -315,11 +315,13 @@ def merge_step_batches(parts):
     """One step's batch from every rank's share (rank order = the step's sample order)."""
     from fastdash.trainer import StepBatch
 
-    samples, kept = [], []
+    samples, kept = [], []  # uids renumbered: each rank's start at 0
     for b in parts:
         by_uid = {s.uid: s for s in b.kept}  # kept holds the samples with their old / reference log-probs
-        samples += b.samples
-        kept += [(len(samples) - len(b.samples) + i, by_uid[s.uid]) for i, s in enumerate(b.samples) if s.uid in by_uid]
+        for s in b.samples:
+            if s.uid in by_uid:
+                kept.append((len(samples), dataclasses.replace(by_uid[s.uid], uid=len(samples))))
+            samples.append(dataclasses.replace(s, uid=len(samples)))
     batch = StepBatch(tuple(samples), tuple(s for _, s in kept), parts[0].normaliser, sum(b.masked for b in parts))
     return batch, [i for i, _ in kept]
 

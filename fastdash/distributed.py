@@ -412,3 +412,40 @@ def reduce_step_stats(stats: dict) -> dict:
             weight = sum(t for _, t in values)
             out[key] = sum(v * t for v, t in values) / weight if weight else 0.0
     return out
+
+
+def broadcast_weights(named: list[tuple[str, torch.Tensor]], src: int = 0, group=None,
+                      bucket_bytes: int = BUCKET_BYTES, timeout_s: float | None = None) -> dict:
+    """Trainer -> engines weight sync (split placement): broadcast `named` tensors from `src` in buckets
+    of flattened same-dtype tensors, each bucket's wait bounded by `timeout_s`. Every member of `group`
+    passes the same names, shapes and dtypes (receivers: their own tensors, overwritten in place).
+    Over NCCL on GPUs; gloo carries the same protocol on CPU. Logs and returns bytes and seconds."""
+    t0, sent, buckets = time.perf_counter(), 0, 0
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    pending: list[torch.Tensor] = []
+
+    def flush():
+        nonlocal sent, buckets
+        flat = torch.cat([t.reshape(-1) for t in pending])
+        work = dist.broadcast(flat, src=src, group=group, async_op=True)
+        if not work.wait(timeout) if timeout else not work.wait():
+            raise PeerFailure(f"weight broadcast bucket {buckets} did not finish within {timeout_s} s")
+        offset = 0
+        for t in pending:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        sent, buckets = sent + flat.numel() * flat.element_size(), buckets + 1
+        pending.clear()
+
+    size = 0
+    for _, t in named:
+        if pending and (t.dtype != pending[0].dtype or t.device != pending[0].device or size >= bucket_bytes):
+            flush()
+            size = 0
+        pending.append(t.detach())
+        size += t.numel() * t.element_size()
+    if pending:
+        flush()
+    seconds = time.perf_counter() - t0
+    log.info("weight sync: %d tensors, %.1f MiB in %d bucket(s), %.3f s", len(named), sent / 2**20, buckets, seconds)
+    return {"sync/bytes": sent, "sync/seconds": seconds, "sync/buckets": buckets}

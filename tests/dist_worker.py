@@ -1,7 +1,8 @@
 """One optimizer step per case, on however many ranks launched this script (RANK / WORLD_SIZE set as
 torchrun sets them); tests/test_distributed.py compares the ranks' results with one process's.
 
-    python tests/dist_worker.py OUT_DIR      # writes OUT_DIR/case<i>-rank<r>.pt
+    python tests/dist_worker.py OUT_DIR            # writes OUT_DIR/case<i>-rank<r>.pt
+    python tests/dist_worker.py OUT_DIR broadcast  # the split-placement weight broadcast
 """
 from __future__ import annotations
 
@@ -49,9 +50,20 @@ def one_step(case: dict) -> dict:
             "engine_rows": sum(run.engine.calls)}
 
 
-def main(out: Path) -> None:
+def broadcast(out: Path) -> None:
+    """Rank 0's tensors (two dtypes, more than one bucket) overwrite rank 1's in place."""
+    r = distributed.rank()
+    named = [(f"w{i}", torch.full((1000 + i,), float(r * 10 + i))) for i in range(5)]
+    named += [("b", torch.arange(7, dtype=torch.bfloat16) + r)]
+    stats = distributed.broadcast_weights(named, src=0, bucket_bytes=6000, timeout_s=30)
+    torch.save({"named": dict(named), "stats": stats}, out / f"broadcast-rank{r}.pt")
+
+
+def main(out: Path, what: str) -> None:
     distributed.setup(config(**CASES[0]))
     try:
+        if what == "broadcast":
+            return broadcast(out)
         for i, case in enumerate(CASES):
             torch.save(one_step(case), out / f"case{i}-rank{distributed.rank()}.pt")
     finally:
@@ -59,4 +71,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "steps")

@@ -85,6 +85,38 @@ def test_two_ranks_step_equals_one_process(tmp_path):
         assert ranks[0]["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-5, abs=1e-7), case
 
 
+def test_weight_broadcast_in_buckets(tmp_path):
+    """The split-placement sync protocol on gloo: rank 0's tensors land in rank 1's, bytes counted."""
+    for rc, text in wait_all(launch([str(HERE / "dist_worker.py"), str(tmp_path), "broadcast"]), timeout=120):
+        assert rc == 0, text[-3000:]
+    a, b = (torch.load(tmp_path / f"broadcast-rank{r}.pt") for r in range(2))
+    assert all(torch.equal(a["named"][k], b["named"][k]) for k in a["named"])
+    assert float(b["named"]["w3"][0]) == 3.0  # rank 0's value, not rank 1's 13
+    total = sum(t.numel() * t.element_size() for t in a["named"].values())
+    assert a["stats"]["sync/bytes"] == b["stats"]["sync/bytes"] == total and a["stats"]["sync/buckets"] >= 3
+
+
+def test_step_batches_merge_and_resplit():
+    """A 2-rank buffer re-split for 1 rank (and back) keeps every sample, its kept flag and log-probs."""
+    from fastdash.batch import Sample
+    from fastdash.checkpoint import merge_step_batches, split_step_batch
+    from fastdash.trainer import StepBatch
+
+    def part(offset):
+        samples = tuple(Sample(uid=i, prompt_ids=[1], completion_ids=[2] * (1 + (i + offset) % 3), truncated=False,
+                               reward=float(i % 2), advantage=0.5 * (i % 2)) for i in range(4))
+        kept = tuple(Sample(**{**s.__dict__, "ref_logps": torch.full((len(s.completion_ids),), float(offset + s.uid))})
+                     for s in samples if s.advantage)
+        return StepBatch(samples, kept, normaliser=12.0, masked=0)
+
+    merged = merge_step_batches([part(0), part(10)])
+    one = split_step_batch(merged, 0, 1, False)
+    assert len(one.samples) == 8 and [float(s.ref_logps[0]) for s in one.kept] == [1.0, 3.0, 11.0, 13.0]
+    halves = [split_step_batch(merge_step_batches([one]), r, 2, False) for r in range(2)]
+    assert [[float(s.ref_logps[0]) for s in h.kept] for h in halves] == [[1.0, 3.0], [11.0, 13.0]]
+    assert all(h.normaliser == 12.0 for h in halves)
+
+
 # ---------------------------------------------------------------- whole runs ---------------------
 def train_args(out: Path, *extra: str) -> list[str]:
     return ["-m", "fastdash.train", "max_steps=4", "train_batch_size=16", "generation_batch_size=16",
