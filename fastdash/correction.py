@@ -64,14 +64,15 @@ def rollout_is_weights(train_logps: torch.Tensor, sampler_logps: torch.Tensor, c
 
 
 class WeightStats:
-    """Statistics of the step's weights, summed over micro-batches on the device (no sync per batch)."""
+    """Statistics of the step's weights, summed over micro-batches on the device (no sync per batch):
+    mean, max, the fraction of tokens masked (w = 0) and of tokens at the cap (w >= C)."""
 
     def __init__(self, cap: float):
         self.cap, self.parts = cap, []
 
     def add(self, w: torch.Tensor) -> torch.Tensor:
         if w.numel():
-            self.parts.append(torch.stack([w.sum(), w.max(), w.min(), (w == 0).sum().to(w.dtype),
+            self.parts.append(torch.stack([w.sum(), w.max(), (w == 0).sum().to(w.dtype),
                                            (w >= self.cap).sum().to(w.dtype), w.new_tensor(w.numel())]))
         return w
 
@@ -79,10 +80,10 @@ class WeightStats:
         if not self.parts:
             return {}
         p = torch.stack(self.parts).double().cpu()
-        n = float(p[:, 5].sum())
+        n = float(p[:, 4].sum())  # names: distributed.reduce_step_stats maxes *_max, token-averages the rest
         return {"rollout_is/weight_mean": float(p[:, 0].sum()) / n, "rollout_is/weight_max": float(p[:, 1].max()),
-                "rollout_is/weight_min": float(p[:, 2].min()), "rollout_is/masked_fraction": float(p[:, 3].sum()) / n,
-                "rollout_is/capped_fraction": float(p[:, 4].sum()) / n}
+                "rollout_is/masked_fraction": float(p[:, 2].sum()) / n,
+                "rollout_is/capped_fraction": float(p[:, 3].sum()) / n}
 
 
 def pg_weights(cfg, mb, stats: WeightStats):

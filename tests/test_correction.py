@@ -101,7 +101,7 @@ def test_weight_stats_by_hand():
     s.add(torch.tensor([0.5]))
     s.add(torch.tensor([]))
     m = s.metrics()
-    assert m == {"rollout_is/weight_mean": 3.5 / 4, "rollout_is/weight_max": 2.0, "rollout_is/weight_min": 0.0,
+    assert m == {"rollout_is/weight_mean": 3.5 / 4, "rollout_is/weight_max": 2.0,
                  "rollout_is/masked_fraction": 0.25, "rollout_is/capped_fraction": 0.25}
     assert WeightStats(2.0).metrics() == {}
 
