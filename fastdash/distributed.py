@@ -80,6 +80,16 @@ def step_shares(n_prompts: int, prompts_per_step: int) -> list[tuple[int, int]]:
     return out
 
 
+_SEED_MOD, _SEED_MUL, _SEED_STEP = 2**63 - 1, 1_000_003, 7_919  # rollout.decode.row_seed, vllm._mix
+
+
+def shifted_seed(seed: int, offset: int) -> int:
+    """A call seed s' whose row j draws row j + offset's seed of a call seeded `seed`: the engines seed
+    row (HF) or prompt (vLLM) i with (s * 1_000_003 + i * 7_919 + 1) mod (2^63 - 1), so
+    s' = s + offset * 7_919 / 1_000_003 (mod 2^63 - 1). tests/test_distributed.py checks it against them."""
+    return (seed + offset * _SEED_STEP * pow(_SEED_MUL, -1, _SEED_MOD)) % _SEED_MOD
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

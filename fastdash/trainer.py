@@ -151,10 +151,11 @@ class Trainer:
         way: the seed and forced lengths are sliced per call from the rollout's.
 
         `ranges`: the rollout's prompt index ranges `prompt_ids` holds (a rank's shares; default all).
-        A rank makes one call per one-process call holding its prompts, seeded by the global offset of
-        its first prompt (forced lengths by each sample's): when one-process calls fit in a rank's share
-        of a step (baseline GRPO) a rank's calls are the one-process calls; rank 0's first call starts
-        like the one-process call; other ranks' rows draw other (distinct) seeds."""
+        A rank makes one call per one-process call holding its prompts, with that call's seed shifted
+        so its rows draw the per-row seeds of the same rows of the one-process call (`shifted_seed`),
+        and each sample's forced length: the union over ranks is the one-process rollout whenever a
+        rank's prompts of a call are contiguous (DASH, baseline GRPO; not Mini, whose calls span several
+        steps: rows after the first gap draw other seeds) and the engine seeds per row or prompt."""
         G, shape = self.cfg.num_generations, self.cfg.preemptive_sampling
         params = self._sampling_params()
         forced = (self.run.forced_lengths(self.state.rollouts, shape.samples)  # benchmarks only
@@ -163,14 +164,22 @@ class Trainer:
         with self.timer("generate"):
             self.engine.wake()
             for idx in _calls(ranges or [(0, len(prompt_ids))], per_call):
-                call = _call_params(params, forced, idx[0] * G, len(idx) * G)
-                if forced and idx[-1] - idx[0] + 1 != len(idx):  # a rank's prompts of a call, not contiguous
+                first = idx[0] // per_call * per_call  # the one-process call's first prompt
+                call = _call_params(params, forced, first * G, len(idx) * G)
+                if forced and (idx[0] != first or idx[-1] - idx[0] + 1 != len(idx)):  # a rank's part of it
                     call = replace(call, forced_lengths=tuple(forced[i * G + j] for i in idx for j in range(G)))
+                if idx[0] != first:
+                    call = replace(call, seed=self._rows_on(call.seed, (idx[0] - first) * G, idx[0] - first))
                 done = len(out) // G
                 out += self._generate(prompt_ids[done : done + len(idx)], call)
                 self.engine_calls += 1
             self.engine.sleep()
         return out
+
+    def _rows_on(self, seed: int, rows: int, prompts: int) -> int:
+        """The seed under which this call's first row draws what row `rows` (HF: per row) or prompt
+        `prompts` (vLLM: per prompt) of the one-process call seeded `seed` draws."""
+        return distributed.shifted_seed(seed, prompts if getattr(self.engine, "name", "") == "vllm" else rows)
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """One engine call; on OOM the engine's concurrency is halved and the call retried (same seed,

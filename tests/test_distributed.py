@@ -209,6 +209,29 @@ def test_bad_combinations_fail_at_start_naming_the_key():
     distributed.check_world(Config(), 2, 0)  # the default run splits over 2 ranks
 
 
+def test_a_rank_draws_the_one_process_samples():
+    """shifted_seed against the engines' own seeding, and the HF engine: the last 2 prompts of a call,
+    generated alone with the shifted seed, give the one-process call's completions for them."""
+    from fastdash import distributed
+    from fastdash.models import load_model_and_tokenizer
+    from fastdash.rollout.base import SamplingParams
+    from fastdash.rollout.decode import row_seed
+    from fastdash.rollout.hf import HFEngine
+    from fastdash.rollout.vllm import _mix
+
+    for seed, k, j in ((7, 3, 0), (2**62 + 5, 1000, 17)):
+        assert row_seed(distributed.shifted_seed(seed, k), j) == row_seed(seed, j + k) == _mix(seed, j + k)
+    model, tok = load_model_and_tokenizer("tiny-arith", dtype=torch.float32)
+    engine = HFEngine(model, tok)
+    prompts = [tok(p, add_special_tokens=False).input_ids for p in ("12+7=", "3+4=", "50+9=", "8+8=")]
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=1234)
+    whole = engine.generate(prompts, 3, params)
+    part = engine.generate(prompts[2:], 3, SamplingParams(max_tokens=6, temperature=1.0,
+                                                          seed=distributed.shifted_seed(1234, 2 * 3)))
+    assert [c.completion_ids for c in part] == [c.completion_ids for c in whole[6:]]
+    assert len({tuple(c.completion_ids) for c in whole}) > 3  # sampled, not all alike
+
+
 def test_step_shares_cover_every_step_once():
     from fastdash import distributed
 
