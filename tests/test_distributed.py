@@ -57,6 +57,7 @@ def _bound(ref: torch.Tensor, terms: int) -> float:
     return 4 * EPS32 * float(ref.abs().max()) * terms ** 0.5 + 1e-30
 
 
+@pytest.mark.slow
 def test_two_ranks_step_equals_one_process(tmp_path):
     """Gradients before the step and weights after it (SGD, lr 1) on 2 ranks = 1 process, for every
     loss type with the filter on, beta 0 and > 0, Multi with batch-std advantages and padding."""
