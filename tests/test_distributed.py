@@ -247,3 +247,28 @@ def _shares(n, per_step, r, w):
 
     return [(s + distributed.share(per_step, r, w)[0], s + distributed.share(per_step, r, w)[1])
             for s in range(0, n, per_step)]
+
+
+@pytest.mark.slow
+def test_mini_buffer_resplit_on_one_rank_trains_the_same_step(tmp_path):
+    """Mini (a rollout feeds 2 steps): checkpoint-1 of a 2-rank run holds each rank's half of step 2;
+    resumed on 1 rank, step 2 trains on the merged batch: the 2-rank run's step-2 numbers."""
+    import json
+    import shutil
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    mini = ("max_steps=2", "generation_batch_size=32")
+    for rc, text in wait_all(launch(train_args(two, *mini)), timeout=600):
+        assert rc == 0, text[-3000:]
+    shutil.copytree(two, one)
+    shutil.rmtree(one / "checkpoint-2")
+    shutil.rmtree(one / "final")
+    done = subprocess.run([sys.executable, *train_args(one, *mini, "resume=auto")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the 1 step batches not yet trained on are re-split" in done.stderr
+    a, b = ([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()][-1] for d in (two, one))
+    assert a["step"] == b["step"] == 2 and "rollout/samples" not in b  # no new rollout: the buffer's batch
+    for key in ("reward/mean", "reward/std", "filter/kept_samples", "completion/mean_length", "tokens/loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-12), key
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
