@@ -33,94 +33,111 @@ TASKS = ("arithmetic", "arithmetic_chat", "gsm8k", "math", "mbpp", "plain")
 BUILTIN_TASKS = ("arithmetic", "arithmetic_chat")  # generated in fastdash/data, no dataset needed
 
 
+def opt(default, text: str):
+    """A config field with its one-line `--help` text (TRL's GRPOConfig keeps help beside each field too)."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class Config:
     # --- model and data ---
-    model: str = "tiny-arith"  # shipped name, local HF directory, or random:<preset>
-    dtype: str = "auto"  # compute dtype (weights, grads, AdamW stay fp32); auto = bfloat16 on CUDA, float32 on CPU
-    save_dtype: str = "auto"  # dtype of the final model in output_dir/final; auto = the compute dtype
-    attn_implementation: str = "sdpa"
-    task: str = "arithmetic"
-    dataset: str | None = None  # local dir / .jsonl / .parquet / cached dataset name; None = built in
-    dataset_split: str = "train"
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    prompt_template: str | None = None
-    chat_template: bool | str = "auto"  # auto: template message-list prompts; true: text too; false: never
-    system_prompt: str | None = None  # a system message prepended to every chat-templated prompt
-    reward: str | None = None  # registry name or dotted path; None = the task's reward
-    num_train_problems: int = 50_000  # built-in task only
-    num_eval_problems: int = 500
-    max_prompt_length: int = 16  # tokens; the paper: 256
-    shuffle: bool = True
+    model: str = opt("tiny-arith", "shipped name, local HF directory, or random:<preset>")
+    dtype: str = opt(
+        "auto", "compute dtype (weights, grads, AdamW stay fp32); auto = bfloat16 on CUDA, float32 on CPU")
+    save_dtype: str = opt("auto", "dtype of the final model in output_dir/final; auto = the compute dtype")
+    attn_implementation: str = opt(
+        "sdpa", "transformers attention for the model (sdpa; packed micro-batches pick a varlen backend)")
+    task: str = opt(
+        "arithmetic", "problem family: arithmetic (built in), arithmetic_chat (built in), gsm8k, math, mbpp, plain")
+    dataset: str | None = opt(None, "local dir / .jsonl / .parquet / cached dataset name; None = built in")
+    dataset_split: str = opt("train", "split of `dataset` to train on")
+    eval_dataset: str | None = opt(
+        None, "held-out problems, same formats as dataset (built-in tasks make their own)")
+    eval_split: str = opt("test", "split of `eval_dataset` to evaluate on")
+    prompt_template: str | None = opt(
+        None, "Python format string over the row's columns, e.g. '{question}\\nAnswer:'")
+    chat_template: bool | str = opt("auto", "auto: template message-list prompts; true: text too; false: never")
+    system_prompt: str | None = opt(None, "a system message prepended to every chat-templated prompt")
+    reward: str | None = opt(None, "registry name or dotted path; None = the task's reward")
+    num_train_problems: int = opt(50_000, "problems generated for the built-in tasks")
+    num_eval_problems: int = opt(500, "held-out problems evaluated")
+    max_prompt_length: int = opt(16, "prompt tokens; longer prompts are skipped with a warning (the paper: 256)")
+    shuffle: bool = opt(True, "shuffle the training problems each epoch (seeded)")
     # --- rollout ---
-    engine: str = "auto"
-    num_generations: int = 4
-    generation_batch_size: int = 256  # samples per engine call
-    max_completion_length: int = 8  # the paper: 2048
-    temperature: float = 1.0  # the paper: 0.9
-    top_p: float = 1.0
-    top_k: int = 0  # the paper: 50
-    mask_truncated_completions: bool = False
-    length_control_mean: int = 0  # benchmarks: force EOS at lengths ~ this mean (0 = off)
+    engine: str = opt("auto", "rollout engine: auto (vLLM when it imports, else HF) | hf | vllm")
+    num_generations: int = opt(4, "G, completions per prompt (the group of the group-relative advantage)")
+    generation_batch_size: int = opt(
+        256, "samples per engine call: = train_batch_size is DASH, = micro_batch_size baseline GRPO")
+    max_completion_length: int = opt(8, "new tokens per completion (the paper: 2048)")
+    temperature: float = opt(1.0, "sampling temperature; log-probs are log_softmax(logits / T) (the paper: 0.9)")
+    top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = opt(0, "top-k sampling (0 = off; the paper: 50)")
+    mask_truncated_completions: bool = opt(False, "drop completions that hit max_completion_length from the loss")
+    length_control_mean: int = opt(0, "benchmarks: force EOS at lengths ~ this mean (0 = off)")
     # --- the paper's maths ---
-    loss_type: str = "dr_grpo"
-    scale_rewards: str = "group"  # group (std-scaled, eps 1e-4) | none (dr_grpo style); bools accepted
-    beta: float = 0.0  # KL coefficient; the reference model is loaded only when > 0
-    kl_estimator: str = "k3"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # None = epsilon
-    num_iterations: int = 1  # K
-    gradient_filtering: bool = True
-    gradient_filtering_threshold: float = 0.1  # tau: keep |A| > tau
+    loss_type: str = opt(
+        "dr_grpo", "grpo | bnpo | dr_grpo | dapo: the normaliser and per-sequence weights (fastdash/algo.py)")
+    scale_rewards: str = opt("group", "group (std-scaled, eps 1e-4) | none (dr_grpo style); bools accepted")
+    beta: float = opt(0.0, "KL coefficient; the reference model is loaded only when > 0")
+    kl_estimator: str = opt("k3", "k1 | k2 | k3 estimator of KL(pi || pi_ref)")
+    epsilon: float = opt(0.2, "PPO clip range: ratio kept in [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = opt(None, "None = epsilon")
+    num_iterations: int = opt(1, "K, optimizer steps on each step batch (Multi when > 1)")
+    gradient_filtering: bool = opt(
+        True, "DASH's gradient filter: drop samples with |A| <= tau before any forward pass")
+    gradient_filtering_threshold: float = opt(0.1, "tau: keep |A| > tau")
     # --- beyond DASH: the sampler's own log-probs (fastdash/correction.py) ---
-    rollout_correction: str = "none"  # none | tis (truncated IS) | mis (masked IS), against the sampler's log-probs
-    rollout_is_cap: float = 2.0  # C: tis weight min(rho, C); mis keeps rho in [1/C, C]
-    rollout_is_level: str = "token"  # token | sequence (one ratio per sequence: geometric mean of its tokens')
-    old_logprobs: str = "trainer"  # Multi / Mini PPO denominator: trainer (an extra forward) | sampler (engine's)
-    speculative: dict | None = None  # vLLM speculative_config, e.g. {method: ngram, num_speculative_tokens: 4}
+    rollout_correction: str = opt(
+        "none", "none | tis (truncated IS) | mis (masked IS), against the sampler's log-probs")
+    rollout_is_cap: float = opt(2.0, "C: tis weight min(rho, C); mis keeps rho in [1/C, C]")
+    rollout_is_level: str = opt("token", "token | sequence (one ratio per sequence: geometric mean of its tokens')")
+    old_logprobs: str = opt(
+        "trainer", "Multi / Mini PPO denominator: trainer (an extra forward) | sampler (engine's)")
+    speculative: dict | None = opt(None, "vLLM speculative_config, e.g. {method: ngram, num_speculative_tokens: 4}")
     # --- backprop shape ---
-    train_batch_size: int = 256  # samples per optimizer step
-    micro_batch_size: int = 8  # samples per padded micro-batch (packing off)
-    packing: bool = True
-    max_tokens_per_microbatch: int | str = "auto"  # token budget when packing; auto = scheduler
-    memory_budget: int | None = None  # bytes the scheduler may plan for on CPU (None = available RAM)
-    generation_concurrency: int | str = "auto"  # sequences per engine batch (HF) / max_num_seqs (vLLM)
-    gpu_memory_utilization: float | str = "auto"  # vLLM's share of the GPU when colocated
-    vllm_data_parallel_size: int = 1  # H vLLM engines behind a round robin (the paper's H inference servers)
-    vllm_tensor_parallel_size: int = 1  # GPUs per vLLM engine
-    vllm_enforce_eager: bool = False  # CUDA: skip vLLM's CUDA-graph capture (faster start, slower decode)
-    kernel: str = "auto"
-    gradient_checkpointing: bool = False
+    train_batch_size: int = opt(256, "samples per optimizer step")
+    micro_batch_size: int = opt(8, "samples per padded micro-batch (packing off)")
+    packing: bool = opt(
+        True, "pack micro-batches end to end under a token budget (no padding); false = padded micro_batch_size rows")
+    max_tokens_per_microbatch: int | str = opt("auto", "token budget when packing; auto = scheduler")
+    memory_budget: int | None = opt(None, "bytes the scheduler may plan for on CPU (None = available RAM)")
+    generation_concurrency: int | str = opt("auto", "sequences per engine batch (HF) / max_num_seqs (vLLM)")
+    gpu_memory_utilization: float | str = opt("auto", "vLLM's share of the GPU when colocated")
+    vllm_data_parallel_size: int = opt(1, "H vLLM engines behind a round robin (the paper's H inference servers)")
+    vllm_tensor_parallel_size: int = opt(1, "GPUs per vLLM engine")
+    vllm_enforce_eager: bool = opt(False, "CUDA: skip vLLM's CUDA-graph capture (faster start, slower decode)")
+    kernel: str = opt(
+        "auto", "fused lm_head/log-prob/loss backend: auto | triton (CUDA) | torch | liger | cce | reference")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more compute)")
     # --- optimiser ---
-    learning_rate: float = 1e-4  # the paper: 3e-6 (for 0.5B-3B models)
-    lr_scheduler_type: str = "linear"  # linear | constant
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
-    max_steps: int = 200  # > 0 overrides num_train_epochs; the default run's length
-    num_train_epochs: float = 1.0
-    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    learning_rate: float = opt(1e-4, "the paper: 3e-6 (for 0.5B-3B models)")
+    lr_scheduler_type: str = opt("linear", "linear | constant")
+    warmup_steps: int = opt(0, "linear learning-rate warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    max_steps: int = opt(200, "> 0 overrides num_train_epochs; the default run's length")
+    num_train_epochs: float = opt(1.0, "epochs over the training problems when max_steps <= 0")
+    max_nonfinite_steps: int = opt(5, "stop after this many non-finite steps in a row")
     # --- run ---
-    seed: int = 42
-    output_dir: str | None = None  # None = runs/<timestamp>
-    save_steps: int = 0  # 0 = only the final checkpoint
-    save_total_limit: int | None = 2
-    resume: str | None = None  # auto | a checkpoint path
-    logging_steps: int = 1
-    eval_steps: int = 50  # held-out eval every N steps (0 = only before and after training)
-    eval_batch_size: int = 500
-    eval_sampled: bool = True  # also report sampled (temperature) held-out accuracy
-    num_eval_samples: int = 4  # sampled completions per held-out problem: pass@1 and pass@k, k = this
-    num_threads: int = 0  # CPU threads; 0 = torch's default
+    seed: int = opt(42, "seed of data order, sampling and initialisation")
+    output_dir: str | None = opt(None, "None = runs/<timestamp>")
+    save_steps: int = opt(0, "0 = only the final checkpoint")
+    save_total_limit: int | None = opt(2, "checkpoints kept (oldest pruned; None = all)")
+    resume: str | None = opt(None, "auto | a checkpoint path")
+    logging_steps: int = opt(1, "write metrics every N optimizer steps")
+    eval_steps: int = opt(50, "held-out eval every N steps (0 = only before and after training)")
+    eval_batch_size: int = opt(500, "completions per engine call during evaluation")
+    eval_sampled: bool = opt(True, "also report sampled (temperature) held-out accuracy")
+    num_eval_samples: int = opt(4, "sampled completions per held-out problem: pass@1 and pass@k, k = this")
+    num_threads: int = opt(0, "CPU threads; 0 = torch's default")
     # --- several ranks (torchrun; README "Several GPUs / torchrun") ---
-    parallelism: str = "auto"  # auto | ddp (a full fp32 replica per rank) | fsdp (not built yet: refused)
-    generation_gpus: int = 0  # split placement: vLLM engines on the last K GPUs (0 = colocated)
-    dist_timeout_s: int = 600  # collective timeout; a silent peer ends the run after this (> an eval's time)
-    plots: bool = True
-    extra: dict = field(default_factory=dict)  # free-form, e.g. for user reward functions
+    parallelism: str = opt("auto", "auto | ddp (a full fp32 replica per rank) | fsdp (not built yet: refused)")
+    generation_gpus: int = opt(0, "split placement: vLLM engines on the last K GPUs (0 = colocated)")
+    dist_timeout_s: int = opt(600, "collective timeout; a silent peer ends the run after this (> an eval's time)")
+    plots: bool = opt(True, "write reward.png / time.png / accuracy plots at the end of the run")
+    extra: dict = field(default_factory=dict, metadata={"help": "free-form, e.g. for user reward functions"})
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):

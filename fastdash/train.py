@@ -22,13 +22,17 @@ from fastdash.config import Config, load_config, save_config
 log = logging.getLogger("fastdash")
 
 
+def _default(f: dataclasses.Field) -> str:
+    return str(f.default_factory() if f.default is dataclasses.MISSING else f.default)
+
+
 def parse_args(argv):
-    defaults = Config.__dataclass_fields__
-    options = "\n".join(f"  {name} = {f.default if f.default is not dataclasses.MISSING else '{}'}"
-                        for name, f in defaults.items())
+    fields = dataclasses.fields(Config)
+    width = max(len(f"{f.name} = {_default(f)}") for f in fields)
+    options = "\n".join(f"  {f'{f.name} = {_default(f)}':<{width}}  {f.metadata.get('help', '')}" for f in fields)
     ap = argparse.ArgumentParser(
         prog="python -m fastdash.train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__, epilog=f"options (key=value, defaults shown):\n{options}")
+        description=__doc__, epilog=f"options (key=value; default, then what it does):\n{options}")
     ap.add_argument("--config", help="YAML recipe (e.g. recipes/dash-qwen2.5-0.5b.yaml)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and memory plan, then exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, applied after the recipe")

@@ -1,6 +1,7 @@
 """Config: recipes, overrides, and errors that name the key and the fix."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_cli_help_lists_options_with_defaults(capsys):
     text = capsys.readouterr().out
     for key in ("num_generations = 4", "gradient_filtering_threshold = 0.1", "loss_type = dr_grpo", "--dry-run"):
         assert key in text
+    for f in dataclasses.fields(Config):  # every option says what it does, on its own line
+        assert f.metadata.get("help"), f"config field {f.name} has no help text"
+        assert any(line.split()[0] == f.name and f.metadata["help"] in line for line in text.splitlines()
+                   if line.strip()), f.name
 
 
 def test_dry_run_prints_config_and_plan(capsys):
