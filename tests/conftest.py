@@ -20,12 +20,27 @@ def tiny_config(**overrides) -> Config:
     return Config(**base)
 
 
-class ScriptedEngine:
+class FakeEngine:
+    """The Engine protocol's no-op parts, for test engines that only script `generate`."""
+
+    name = "fake"
+    max_batch_size = None  # the Engine protocol's concurrency setting
+
+    def sync_weights(self, model):
+        pass
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+
+class ScriptedEngine(FakeEngine):
     """Returns the same completion for (prompt, j-th sample of that prompt) however calls are batched,
     so two arms that batch generation differently see identical samples."""
 
     name = "scripted"
-    max_batch_size = None  # the Engine protocol's concurrency setting
 
     def __init__(self, vocab: int = 20, eos: int = 1, max_len: int = 6):
         self.vocab, self.eos, self.max_len = vocab, eos, max_len
@@ -45,15 +60,6 @@ class ScriptedEngine:
                 truncated = h[0] % 5 == 0
                 out.append(Completion(list(p), ids if truncated else ids[:-1] + [self.eos], truncated=truncated))
         return out
-
-    def sync_weights(self, model):
-        pass
-
-    def sleep(self):
-        pass
-
-    def wake(self):
-        pass
 
 
 def digit_sum_reward(completion: str, answer: str, **_) -> float:

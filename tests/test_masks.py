@@ -10,19 +10,18 @@ import torch
 from fastdash.batch import Completion
 from fastdash.runtime import build_run
 from fastdash.trainer import Trainer
-from tests.conftest import sgd, tiny_config
+from tests.conftest import FakeEngine, sgd, tiny_config
 
 MAX_LEN = 6
 EPS32 = torch.finfo(torch.float32).eps
 
 
-class GroupEngine:
+class GroupEngine(FakeEngine):
     """Per prompt, G = 4 completions starting "1", "3", "2", "44" (rewards 1, 1, 0, 0). The first is
     truncated (MAX_LEN tokens, no EOS) with `tail` after its "1"; with `all_truncated` so are the others,
     the rest end at EOS. `third` = "empty" or "truncated" replaces the "2" (reward 0 either way)."""
 
     name = "groups"
-    max_batch_size = None  # no concurrency limit (the HF engine's knob)
 
     def __init__(self, tok, tail: str = "23456", all_truncated: bool = False, third: str | None = None):
         self.tok, self.tail, self.all_truncated, self.third = tok, tail, all_truncated, third
@@ -45,15 +44,6 @@ class GroupEngine:
                 group[2] = self.completion(p, "2", True)
             out += group
         return out
-
-    def sync_weights(self, model):
-        pass
-
-    def sleep(self):
-        pass
-
-    def wake(self):
-        pass
 
 
 def odd_first_digit(completion: str, answer: str, **_) -> float:
