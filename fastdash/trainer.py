@@ -123,7 +123,7 @@ class Trainer:
         ranges = distributed.step_shares(len(problems), shape.train_batch_size // G)
         problems = [problems[i] for lo, hi in ranges for i in range(lo, hi)]
         completions = self.preemptive_sampling([self.run.prompt_ids(p) for p in problems], ranges)
-        require_sampler_logps(cfg, completions, getattr(self.engine, "name", type(self.engine).__name__))
+        require_sampler_logps(cfg, completions, self.engine.name)
         with self.timer("reward"):
             texts = [self.run.decode(c.completion_ids) for c in completions]
             rewards, failed = score_completions(self.run.reward_fn, texts, [p for p in problems for _ in range(G)])
@@ -179,7 +179,7 @@ class Trainer:
     def _rows_on(self, seed: int, rows: int, prompts: int) -> int:
         """The seed under which this call's first row draws what row `rows` (HF: per row) or prompt
         `prompts` (vLLM: per prompt) of the one-process call seeded `seed` draws."""
-        return distributed.shifted_seed(seed, prompts if getattr(self.engine, "name", "") == "vllm" else rows)
+        return distributed.shifted_seed(seed, prompts if self.engine.name == "vllm" else rows)
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """One engine call; on OOM the engine's concurrency is halved and the call retried (same seed,
