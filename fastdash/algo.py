@@ -33,11 +33,6 @@ class PreemptiveSampling:
     num_iterations: int  # K: optimizer passes over each step batch
 
     @property
-    def preemptive(self) -> bool:
-        """One engine call covers at least one full optimizer step."""
-        return self.samples_per_call >= self.train_batch_size
-
-    @property
     def needs_old_logps(self) -> bool:
         """The PPO ratio's denominator needs its own pass only when a sample is trained on after the
         policy moved: K > 1 (Multi) or a rollout that feeds several steps (Mini). Else ratio = 1."""

@@ -375,20 +375,18 @@ def _calls(ranges: list[tuple[int, int]], per_call: int) -> list[list[int]]:
 
 
 def global_batch_stats(samples: tuple[Sample, ...]) -> dict:
-    """`batch_stats` of the step's samples on every rank."""
-    if distributed.world_size() == 1:
-        return batch_stats(samples)
-    rows = distributed.all_gather_objects([(s.reward, len(s.completion_ids), s.truncated) for s in samples])
-    return batch_stats((), [r for part in rows for r in part])
+    """Reward and length statistics of the samples one optimizer step covers, on every rank."""
+    rows = [(s.reward, len(s.completion_ids), s.truncated) for s in samples]
+    if distributed.world_size() > 1:
+        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
+    return batch_stats(rows)
 
 
-def batch_stats(samples: tuple[Sample, ...], rows: list[tuple] | None = None) -> dict:
-    """Reward and length statistics of the samples one optimizer step covers (or of `rows`:
-    (reward, completion length, truncated) per sample)."""
-    rows = rows if rows is not None else [(s.reward, len(s.completion_ids), s.truncated) for s in samples]
+def batch_stats(rows: list[tuple[float, int, bool]]) -> dict:
+    """Mean / std reward, mean length and truncated fraction of (reward, completion length, truncated) rows."""
     rewards = torch.tensor([r for r, _, _ in rows])
     lengths = [n for _, n, _ in rows]
-    samples = [t for _, _, t in rows]  # truncated flags
-    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(samples) > 1 else 0.0,
-            "completion/mean_length": sum(lengths) / len(samples),
-            "completion/truncated_fraction": sum(samples) / len(samples)}
+    truncated = [t for _, _, t in rows]
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rows) > 1 else 0.0,
+            "completion/mean_length": sum(lengths) / len(rows),
+            "completion/truncated_fraction": sum(truncated) / len(rows)}
