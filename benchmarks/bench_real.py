@@ -68,7 +68,7 @@ def base_config(model: Path, steps: int, eval_problems: int, samples: int = 64, 
 def train_rows(cfg, n_prompts: int) -> list[dict]:
     """The recipe's train problems in the order fastdash's own sampler draws them for the seed."""
     from fastdash.data import load_task
-    from fastdash.trainer import PromptSampler, TrainState
+    from fastdash.state import PromptSampler, TrainState
 
     problems = load_task(cfg)[0]
     order = PromptSampler(len(problems), cfg.seed, True, TrainState()).take(n_prompts)

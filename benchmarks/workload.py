@@ -19,7 +19,7 @@ import numpy as np
 from fastdash.data.arithmetic import make_problems
 from fastdash.models import CHAR_VOCAB
 from fastdash.rewards.synthetic import success_probabilities
-from fastdash.trainer import PromptSampler, TrainState
+from fastdash.state import PromptSampler, TrainState
 
 PROMPT_CHARS = CHAR_VOCAB[3:]  # the char tokenizer's non-special symbols: one token per character
 SYNTHETIC_REWARD = "fastdash.rewards.synthetic:synthetic_reward"

@@ -20,6 +20,7 @@ class Completion:
     completion_ids: list[int]  # includes the EOS token when the sample stopped at EOS
     truncated: bool  # hit max_completion_length without EOS
     sampler_logps: list[float] | None = None  # per-token log-probs from the engine, when it gives them
+    policy_version: int = 0  # optimizer steps the generating weights had taken (set by the trainer / worker)
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,28 @@ class Sample:
     old_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when an old-policy pass ran
     ref_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when beta > 0
     sampler_logps: list[float] | None = None  # the engine's own log-probs (vLLM), for the mismatch metric
+    policy_version: int = 0  # optimizer steps the weights that generated it had taken
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one optimizer step trains on, made once by `rollout`; `optimize` only reads it."""
+
+    samples: tuple[Sample, ...]  # every sample of the step (metrics; dapo's normaliser counts them all)
+    kept: tuple[Sample, ...]  # those that reach the loss: loss mask and gradient filter passed
+    normaliser: float  # the loss denominator, fixed before the first micro-batch
+    masked: int = 0  # samples the loss mask dropped (empty, or truncated with mask_truncated_completions)
+    rollout_metrics: dict | None = None  # the rollout's own metrics, on its first step batch
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest weights (optimizer steps taken) that generated any of its samples."""
+        return min((s.policy_version for s in self.samples), default=0)
+
 
 
 @dataclass

@@ -4,7 +4,7 @@ A checkpoint is a directory `checkpoint-<step>/` holding the model (safetensors,
 `from_pretrained`), the tokenizer, the config, and `trainer_state.pt`: optimizer and LR-scheduler
 state, the `TrainState` (step, data position, counters), RNG states (python, numpy, torch, CUDA),
 the token budget and any rollout samples not yet trained on (Mini / Multi reuse a rollout across
-steps). It is written under a temporary name and renamed into place only once complete (with a
+steps; with async generation the rollouts in flight are awaited and saved as step batches). It is written under a temporary name and renamed into place only once complete (with a
 `COMPLETE` marker inside), so a kill during a save never leaves a half checkpoint that looks whole.
 `trainer_state.pt` is a pickle: load only checkpoints you (or your runs) wrote.
 
@@ -116,6 +116,7 @@ def recover(out: Path) -> None:
 
 def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
     step = run.state.step
+    trainer.drain()  # async generation: in-flight rollouts become buffered step batches, saved below
     ranks = distributed.gather_objects({"rng": _rng_state(), "buffer": trainer.buffer, "budget": trainer.budget})
     if not distributed.is_main():  # rank 0 writes; the others wait until the checkpoint is complete
         distributed.barrier()
@@ -313,7 +314,7 @@ def _restore_rank_state(cfg, trainer, path: Path, blob: dict) -> None:
 
 def merge_step_batches(parts):
     """One step's batch from every rank's share (rank order = the step's sample order)."""
-    from fastdash.trainer import StepBatch
+    from fastdash.batch import StepBatch
 
     samples, kept = [], []  # uids renumbered: each rank's start at 0
     for b in parts:
@@ -328,7 +329,7 @@ def merge_step_batches(parts):
 
 def split_step_batch(merged, r: int, world: int, mask_truncated: bool):
     """Rank r's contiguous share of a merged step batch (groups stay whole: validated at start)."""
-    from fastdash.trainer import StepBatch
+    from fastdash.batch import StepBatch
 
     batch, kept_at = merged
     lo, hi = distributed.share(len(batch.samples), r, world)

@@ -93,6 +93,10 @@ class Config:
     rollout_is_level: str = opt("token", "token | sequence (one ratio per sequence: geometric mean of its tokens')")
     old_logprobs: str = opt(
         "trainer", "Multi / Mini PPO denominator: trainer (an extra forward) | sampler (engine's)")
+    async_generation: bool = opt(
+        False, "pipelined generation: a worker process generates rollout n + max_staleness while step n trains")
+    max_staleness: int = opt(1, "async_generation: S, rollouts generated ahead; a sample trains <= S steps after its weights")
+    async_engine_threads: int = opt(1, "async_generation: torch threads of the generation worker process")
     speculative: dict | None = opt(None, "vLLM speculative_config, e.g. {method: ngram, num_speculative_tokens: 4}")
     # --- backprop shape ---
     train_batch_size: int = opt(256, "samples per optimizer step")
@@ -235,6 +239,7 @@ class Config:
         if self.rollout_correction != "none" and self.kernel == "liger" and self.beta != 0:
             bad("kernel", "liger cannot weight the policy-gradient term apart from the KL term: with "
                 "rollout_correction use kernel=torch / triton, or beta=0")
+        self._validate_async(bad)
         if self.speculative is None:
             return
         if not isinstance(self.speculative, dict) or not isinstance(self.speculative.get("method"), str):
@@ -246,6 +251,22 @@ class Config:
         if self.engine == "hf":
             bad("engine", "speculative decoding is a vLLM option: set engine=vllm, or speculative=null")
 
+    def _validate_async(self, bad) -> None:
+        if self.max_staleness < 0 or self.async_engine_threads <= 0:
+            bad("max_staleness", "max_staleness must be >= 0 and async_engine_threads > 0")
+        if not self.async_generation:
+            return
+        if self.steps_per_generation != 1:
+            bad("async_generation", "pipelines one rollout per optimizer step: needs num_iterations=1 and "
+                "generation_batch_size <= train_batch_size (Multi / Mini reuse a rollout over several steps)")
+        if self.engine == "vllm":
+            bad("engine", "async_generation runs an HF engine in its own process (vLLM there is not supported "
+                "yet): set engine=hf or auto")
+        if self.max_staleness > 0 and self.rollout_correction == "none":
+            bad("rollout_correction", f"async_generation trains samples up to max_staleness={self.max_staleness} "
+                "steps older than the weights: set rollout_correction=tis (or mis) to importance-weight them "
+                "against the policy that generated them, or max_staleness=0")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -254,6 +275,8 @@ class Config:
 def _coerce(key: str, raw, annotation):
     """Turn a YAML / CLI value into the field's declared type, or say what is wrong."""
     hint = str(annotation)
+    if isinstance(raw, str) and raw == "none" and "None" not in hint and "str" in hint:
+        return raw  # a choice named "none" (rollout_correction, scale_rewards), not a null
     if raw is None or (isinstance(raw, str) and raw.lower() in ("null", "none")):
         if "None" in hint:
             return None

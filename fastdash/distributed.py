@@ -160,6 +160,9 @@ def check_world(cfg, world: int, cuda_devices: int) -> None:
                              "and the trainer needs at least one; lower generation_gpus")
         if cfg.engine == "hf":
             raise ValueError("config: generation_gpus>0 puts vLLM engines on their own GPUs; set engine=vllm")
+    if cfg.async_generation and world > 1:
+        raise ValueError("config: async_generation runs one generation worker for one trainer process; "
+                         "with several ranks set async_generation=false")
     if cfg.parallelism == "fsdp":
         raise ValueError("config: parallelism='fsdp' is not supported yet: the fused loss reads the whole lm_head "
                          "weight outside the module's forward (FSDP2 holds it as a sharded DTensor), and packed "

@@ -136,3 +136,23 @@ def inference_mismatch(trainer_logps: list[torch.Tensor], sampler_logps: list[li
         return {"mismatch/tokens": 0}
     return {"mismatch/logp_abs_mean": float(d.abs().mean()), "mismatch/logp_abs_max": float(d.abs().max()),
             "mismatch/k3_kl": float((torch.expm1(d) - d).mean()), "mismatch/tokens": int(d.numel())}
+
+
+def global_batch_stats(samples: tuple) -> dict:
+    """Reward and length statistics of the samples one optimizer step covers, on every rank."""
+    from fastdash import distributed
+
+    rows = [(s.reward, len(s.completion_ids), s.truncated) for s in samples]
+    if distributed.world_size() > 1:
+        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
+    return batch_stats(rows)
+
+
+def batch_stats(rows: list[tuple[float, int, bool]]) -> dict:
+    """Mean / std reward, mean length and truncated fraction of (reward, completion length, truncated) rows."""
+    rewards = torch.tensor([r for r, _, _ in rows])
+    lengths = [n for _, n, _ in rows]
+    truncated = [t for _, _, t in rows]
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rows) > 1 else 0.0,
+            "completion/mean_length": sum(lengths) / len(rows),
+            "completion/truncated_fraction": sum(truncated) / len(rows)}

@@ -20,7 +20,7 @@ from fastdash.metrics import PhaseTimer
 from fastdash.models import load_model_and_tokenizer
 from fastdash.rewards import RewardFn, get_reward_fn
 from fastdash.rollout import Engine, make_engine
-from fastdash.trainer import TrainState
+from fastdash.state import TrainState
 
 log = logging.getLogger("fastdash")
 DEFAULT_REWARD = {"arithmetic": "arithmetic", "arithmetic_chat": "gsm8k", "gsm8k": "gsm8k", "math": "math", "mbpp": "code"}

@@ -150,37 +150,40 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
         saved_step = run.state.step
         return save_checkpoint(cfg, run, trainer, out)
 
-    while run.state.step < run.total_steps:
-        if distributed.active():  # every rank stops after the same step, however the signals arrived
-            signums = distributed.all_gather_objects(stop["signum"])
-            stop["signum"] = next((s for s in signums if s is not None), None)
-        if stop["signum"] is not None:
-            path = out / f"checkpoint-{run.state.step}" if saved_step == run.state.step else save_now()
-            raise TrainingInterrupted(stop["signum"], run.state.step, path)
-        t0 = time.perf_counter()
-        try:
-            row = trainer.step()
-        except Exception:
-            # Save the weights after the last completed step (no optimizer step of the failed one
-            # reached them), so the error loses no training; the failed step's rollout is dropped.
-            if saved_step != run.state.step and run.state.step > 0 and not distributed.active():
-                try:
-                    log.error("step %d failed; saving the state after step %d", run.state.step + 1, run.state.step)
-                    save_now()
-                except Exception:  # noqa: BLE001 - never hide the original error behind a save error
-                    log.exception("could not save a checkpoint after the failure")
-            raise
-        row["time/step_s"] = time.perf_counter() - t0
-        row["samples"] = run.state.samples
-        metrics_log.write(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row.get('reward/mean', 0):.3f}", kept=f"{row['filter/kept_fraction']:.2f}")
-        if cfg.eval_steps and run.state.step % cfg.eval_steps == 0 and run.state.step < run.total_steps:
-            t_eval = time.perf_counter()
-            record_eval(run.state.step)
-            eval_s += time.perf_counter() - t_eval
-        if cfg.save_steps and run.state.step % cfg.save_steps == 0:
-            save_now()
+    try:
+        while run.state.step < run.total_steps:
+            if distributed.active():  # every rank stops after the same step, however the signals arrived
+                signums = distributed.all_gather_objects(stop["signum"])
+                stop["signum"] = next((s for s in signums if s is not None), None)
+            if stop["signum"] is not None:
+                path = out / f"checkpoint-{run.state.step}" if saved_step == run.state.step else save_now()
+                raise TrainingInterrupted(stop["signum"], run.state.step, path)
+            t0 = time.perf_counter()
+            try:
+                row = trainer.step()
+            except Exception:
+                # Save the weights after the last completed step (no optimizer step of the failed one
+                # reached them), so the error loses no training; the failed step's rollout is dropped.
+                if saved_step != run.state.step and run.state.step > 0 and not distributed.active():
+                    try:
+                        log.error("step %d failed; saving the state after step %d", run.state.step + 1, run.state.step)
+                        save_now()
+                    except Exception:  # noqa: BLE001 - never hide the original error behind a save error
+                        log.exception("could not save a checkpoint after the failure")
+                raise
+            row["time/step_s"] = time.perf_counter() - t0
+            row["samples"] = run.state.samples
+            metrics_log.write(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row.get('reward/mean', 0):.3f}", kept=f"{row['filter/kept_fraction']:.2f}")
+            if cfg.eval_steps and run.state.step % cfg.eval_steps == 0 and run.state.step < run.total_steps:
+                t_eval = time.perf_counter()
+                record_eval(run.state.step)
+                eval_s += time.perf_counter() - t_eval
+            if cfg.save_steps and run.state.step % cfg.save_steps == 0:
+                save_now()
+    finally:
+        trainer.close()  # stops the async generation worker, if one runs
     bar.close()
     train_s = time.perf_counter() - t_train
     t_eval = time.perf_counter()
@@ -213,7 +216,8 @@ def report(summary: dict, out: Path) -> None:
     rows = [("held-out accuracy, greedy", f"{fmt(summary['eval/accuracy_before'])} -> {fmt(summary['eval/accuracy_after'])}"),
             *[(f"held-out {key[5:]}, {summary['eval/num_eval_samples']} samples per problem",
                f"{fmt(summary[key + '_before'])} -> {fmt(summary[key + '_after'])}")
-              for key in (k[:-7] for k in summary if k.startswith("eval/pass@") and k.endswith("_before"))],
+              for key in (k[:-7] for k in summary if k.startswith("eval/pass@") and k.endswith("_before"))
+              if summary["eval/num_eval_samples"]],
             ("held-out problems", str(summary["eval/problems"])),
             ("samples seen", str(summary["samples"])), ("optimizer steps", str(summary["optimizer_steps"]))]
     rows += [(k.replace("time/", "time ").replace("_s", " (s)"), f"{v:.1f}") for k, v in summary.items()

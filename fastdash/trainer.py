@@ -12,78 +12,34 @@
 one call for the step) and baseline GRPO (one call per micro-batch) differ only in the engine calls
 of `rollout`; both then run the identical `optimize`. Setup (model, data, engine, optimizer, plan)
 lives in `fastdash.runtime`; RNG and data position live in `TrainState`.
+
+With `async_generation` (beyond DASH) `submit_ahead` hands the engine calls of the next rollouts to a
+generation worker before each step, and `rollout` takes its completions instead of generating them:
+the rest of the step is unchanged (`fastdash.rollout.pipeline` has the schedule).
 """
 from __future__ import annotations
 
 import logging
 import math
-import random
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
 from fastdash import distributed
 from fastdash.algo import gradient_filter, group_advantages, loss_mask, loss_normaliser, loss_token_weights
-from fastdash.batch import Completion, Sample
+from fastdash.batch import Completion, Sample, StepBatch
 from fastdash.correction import WeightStats, pg_weights, require_sampler_logps, sampler_old_logps
 from fastdash.forward import compute_autocast, forward_hidden
-from fastdash.metrics import inference_mismatch
+from fastdash.metrics import global_batch_stats, inference_mismatch
 from fastdash.oom import run_with_oom_backoff
 from fastdash.packing import collate_packed, collate_padded, plan_microbatches, plan_padded_microbatches
 from fastdash.rewards import score_completions
 from fastdash.rollout.base import SamplingParams
+from fastdash.state import PromptSampler, TrainState  # noqa: F401 - re-exported (checkpoints, benchmarks)
 from fastdash_kernels import fused_linear_logprob, fused_policy_loss
 
 log = logging.getLogger("fastdash")
-
-
-@dataclass
-class TrainState:
-    """Everything that decides what happens next: step counters, data position, RNG seeds."""
-
-    step: int = 0  # optimizer steps done
-    rollouts: int = 0  # rollouts done (generation rounds)
-    epoch: int = 0
-    cursor: int = 0  # next prompt index within the epoch's order
-    samples: int = 0  # samples generated
-    nonfinite_streak: int = 0
-    counters: dict = field(default_factory=lambda: {"skipped_empty_steps": 0, "nonfinite_steps": 0,
-                                                    "reward_failures": 0, "oom_retries": 0})
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    """What one optimizer step trains on, made once by `rollout`; `optimize` only reads it."""
-
-    samples: tuple[Sample, ...]  # every sample of the step (metrics; dapo's normaliser counts them all)
-    kept: tuple[Sample, ...]  # those that reach the loss: loss mask and gradient filter passed
-    normaliser: float  # the loss denominator, fixed before the first micro-batch
-    masked: int = 0  # samples the loss mask dropped (empty, or truncated with mask_truncated_completions)
-
-
-class PromptSampler:
-    """Epoch-wise permutation of problem indices, reproducible from (seed, epoch) alone."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool, state: TrainState):
-        self.n, self.seed, self.shuffle, self.state = n, seed, shuffle, state
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.n))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            order = self._order(self.state.epoch)
-            take = min(k - len(out), self.n - self.state.cursor)
-            out += order[self.state.cursor : self.state.cursor + take]
-            self.state.cursor += take
-            if self.state.cursor == self.n:
-                self.state.epoch, self.state.cursor = self.state.epoch + 1, 0
-        return out
 
 
 class Trainer:
@@ -96,6 +52,7 @@ class Trainer:
         self.sampler = PromptSampler(len(run.train_problems), cfg.seed, cfg.shuffle, self.state)
         self.prompt_source = prompt_source or (lambda k: [run.train_problems[i] for i in self.sampler.take(k)])
         self.buffer: list[StepBatch] = []  # the step batches of the current rollout, K times over
+        self.pipeline = None  # async_generation: the generation worker, started by the first step
         self.budget = self._initial_budget() if cfg.packing else None
         self.lm_head = self.model.get_output_embeddings()
 
@@ -110,19 +67,80 @@ class Trainer:
     # ------------------------------------------------------------------ one step -----------------
     def step(self) -> dict:
         """One optimizer step; a rollout first when the buffer is empty. Returns the step's metrics."""
-        rollout_metrics = self.rollout() if not self.buffer else {}
-        batch = self.buffer.pop(0)
-        metrics = {**rollout_metrics, **global_batch_stats(batch.samples), **self.optimize(batch)}
+        if self.cfg.async_generation:
+            self.submit_ahead()  # rollouts up to step + max_staleness are generating meanwhile
+        batch = self.next_batch()
+        metrics = {**(batch.rollout_metrics or {}), **global_batch_stats(batch.samples),
+                   "policy/staleness": self.state.step - batch.policy_version, **self.optimize(batch)}
         self.state.step += 1
         return {"step": self.state.step, **metrics, **self.timer.pop_step()}
 
+    def next_batch(self) -> StepBatch:
+        """The buffer's next step batch (a rollout first when it is empty). A batch generated by weights
+        older than the run allows (a resume with a smaller max_staleness) is dropped, counted, and the
+        next one taken: a sample is never trained on staler than that."""
+        allowed = self.cfg.steps_per_generation - 1 + (self.cfg.max_staleness if self.cfg.async_generation else 0)
+        while True:
+            if not self.buffer:
+                self.rollout()
+            batch = self.buffer.pop(0)
+            if self.state.step - batch.policy_version <= allowed:
+                return batch
+            self.state.counters["stale_dropped_samples"] = \
+                self.state.counters.get("stale_dropped_samples", 0) + len(batch.samples)
+            log.warning("step %d: dropped a step batch of %d samples generated at step %d (staleness %d > %d)",
+                        self.state.step + 1, len(batch.samples), batch.policy_version,
+                        self.state.step - batch.policy_version, allowed)
+
+    # ------------------------------------------------------------------ async generation ---------
+    def submit_ahead(self) -> None:
+        """async_generation: submit rollouts until those of steps up to step + max_staleness are
+        generating, each with the weights of now (its policy version); see `rollout.pipeline`."""
+        if self.pipeline is None:
+            from fastdash.rollout.pipeline import GenerationPipeline
+
+            plan = self.run.plan
+            self.pipeline = GenerationPipeline(self.cfg, self.model, compute_dtype=self.run.compute_dtype,
+                                               device=self.run.device,
+                                               concurrency=plan.generation_concurrency if plan else None)
+        G, shape = self.cfg.num_generations, self.cfg.preemptive_sampling
+        last = min(self.state.step + self.cfg.max_staleness, self.run.total_steps - 1)  # none past the run's end
+        while self.state.rollouts <= last:
+            problems = self.prompt_source(shape.samples // G)
+            calls = self.engine_calls([self.run.prompt_ids(p) for p in problems])
+            with self.timer("sync"):
+                self.pipeline.submit(self.state.rollouts, self.state.step, problems,
+                                     [(prompts, G, params) for prompts, params in calls])
+            self.state.rollouts += 1
+
+    def drain(self) -> None:
+        """Turn every in-flight rollout into step batches (a checkpoint then holds no in-flight work:
+        the resumed run trains exactly those, and submits the rest with the same schedule)."""
+        while self.pipeline is not None and self.pipeline.pending:
+            self.rollout()
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+
     # ------------------------------------------------------------------ rollout ------------------
-    def rollout(self) -> dict:
+    def rollout(self) -> None:
+        """One rollout's samples into the buffer, as step batches (K times over)."""
         cfg, G, shape = self.cfg, self.cfg.num_generations, self.cfg.preemptive_sampling
-        problems = self.prompt_source(shape.samples // G)  # the global rollout's; this rank takes its share
-        ranges = distributed.step_shares(len(problems), shape.train_batch_size // G)
-        problems = [problems[i] for lo, hi in ranges for i in range(lo, hi)]
-        completions = self.preemptive_sampling([self.run.prompt_ids(p) for p in problems], ranges)
+        metrics = {}
+        if self.pipeline is not None:  # async: the oldest submitted rollout, generated meanwhile
+            with self.timer("generate"):
+                request, completions, metrics["async/worker_generate_s"] = self.pipeline.take()
+            problems, metrics["rollout/index"] = request.problems, request.index
+        else:
+            metrics["rollout/index"] = self.state.rollouts
+            problems = self.prompt_source(shape.samples // G)  # the global rollout's; this rank takes its share
+            ranges = distributed.step_shares(len(problems), shape.train_batch_size // G)
+            problems = [problems[i] for lo, hi in ranges for i in range(lo, hi)]
+            completions = self.preemptive_sampling([self.run.prompt_ids(p) for p in problems], ranges)
+            for c in completions:
+                c.policy_version = self.state.step
         require_sampler_logps(cfg, completions, self.engine.name)
         with self.timer("reward"):
             texts = [self.run.decode(c.completion_ids) for c in completions]
@@ -134,15 +152,18 @@ class Trainer:
         failed, n_samples = (int(v) for v in distributed.sum_floats(failed, len(completions)))
         self.state.counters["reward_failures"] += failed
         samples = [Sample(uid=i, prompt_ids=c.prompt_ids, completion_ids=c.completion_ids, truncated=c.truncated,
-                          reward=r, advantage=a, sampler_logps=c.sampler_logps)
+                          reward=r, advantage=a, sampler_logps=c.sampler_logps, policy_version=c.policy_version)
                    for i, (c, r, a) in enumerate(zip(completions, rewards, advantages.tolist()))]
         n = shape.train_batch_size // distributed.world_size()  # this rank's share of a step
         batches = [self.step_batch(samples[i : i + n]) for i in range(0, len(samples), n)]
         batches = self.old_and_ref_logps(batches)
-        self.buffer = [b for _ in range(cfg.num_iterations) for b in batches]
-        self.state.rollouts += 1
+        metrics.update({"reward/failures": failed, "rollout/samples": n_samples,
+                        "rollout/engine_calls": shape.engine_calls})
+        batches[0] = replace(batches[0], rollout_metrics=metrics)
+        self.buffer += [b for _ in range(cfg.num_iterations) for b in batches]
+        if self.pipeline is None:  # async counts a rollout when it is submitted
+            self.state.rollouts += 1
         self.state.samples += n_samples
-        return {"reward/failures": failed, "rollout/samples": n_samples, "rollout/engine_calls": self.engine_calls}
 
     def preemptive_sampling(self, prompt_ids: list[list[int]],
                             ranges: list[tuple[int, int]] | None = None) -> list[Completion]:
@@ -156,25 +177,32 @@ class Trainer:
         and each sample's forced length: the union over ranks is the one-process rollout whenever a
         rank's prompts of a call are contiguous (DASH, baseline GRPO; not Mini, whose calls span several
         steps: rows after the first gap draw other seeds) and the engine seeds per row or prompt."""
+        out = []
+        with self.timer("generate"):
+            self.engine.wake()
+            for prompts, params in self.engine_calls(prompt_ids, ranges):
+                out += self._generate(prompts, params)
+            self.engine.sleep()
+        return out
+
+    def engine_calls(self, prompt_ids: list[list[int]],
+                     ranges: list[tuple[int, int]] | None = None) -> list[tuple[list[list[int]], SamplingParams]]:
+        """(prompts, parameters) of each engine call of rollout `state.rollouts` (see `preemptive_sampling`)."""
         G, shape = self.cfg.num_generations, self.cfg.preemptive_sampling
         params = self._sampling_params()
         forced = (self.run.forced_lengths(self.state.rollouts, shape.samples)  # benchmarks only
                   if self.cfg.length_control_mean else None)
-        per_call, out, self.engine_calls = shape.samples_per_call // G, [], 0
-        with self.timer("generate"):
-            self.engine.wake()
-            for idx in _calls(ranges or [(0, len(prompt_ids))], per_call):
-                first = idx[0] // per_call * per_call  # the one-process call's first prompt
-                call = _call_params(params, forced, first * G, len(idx) * G)
-                if forced and (idx[0] != first or idx[-1] - idx[0] + 1 != len(idx)):  # a rank's part of it
-                    call = replace(call, forced_lengths=tuple(forced[i * G + j] for i in idx for j in range(G)))
-                if idx[0] != first:
-                    call = replace(call, seed=self._rows_on(call.seed, (idx[0] - first) * G, idx[0] - first))
-                done = len(out) // G
-                out += self._generate(prompt_ids[done : done + len(idx)], call)
-                self.engine_calls += 1
-            self.engine.sleep()
-        return out
+        per_call, calls, done = shape.samples_per_call // G, [], 0
+        for idx in _calls(ranges or [(0, len(prompt_ids))], per_call):
+            first = idx[0] // per_call * per_call  # the one-process call's first prompt
+            call = _call_params(params, forced, first * G, len(idx) * G)
+            if forced and (idx[0] != first or idx[-1] - idx[0] + 1 != len(idx)):  # a rank's part of it
+                call = replace(call, forced_lengths=tuple(forced[i * G + j] for i in idx for j in range(G)))
+            if idx[0] != first:
+                call = replace(call, seed=self._rows_on(call.seed, (idx[0] - first) * G, idx[0] - first))
+            calls.append((prompt_ids[done : done + len(idx)], call))
+            done += len(idx)
+        return calls
 
     def _rows_on(self, seed: int, rows: int, prompts: int) -> int:
         """The seed under which this call's first row draws what row `rows` (HF: per row) or prompt
@@ -372,21 +400,3 @@ def _calls(ranges: list[tuple[int, int]], per_call: int) -> list[list[int]]:
         for i in range(lo, hi):
             calls.setdefault(i // per_call, []).append(i)
     return list(calls.values())
-
-
-def global_batch_stats(samples: tuple[Sample, ...]) -> dict:
-    """Reward and length statistics of the samples one optimizer step covers, on every rank."""
-    rows = [(s.reward, len(s.completion_ids), s.truncated) for s in samples]
-    if distributed.world_size() > 1:
-        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
-    return batch_stats(rows)
-
-
-def batch_stats(rows: list[tuple[float, int, bool]]) -> dict:
-    """Mean / std reward, mean length and truncated fraction of (reward, completion length, truncated) rows."""
-    rewards = torch.tensor([r for r, _, _ in rows])
-    lengths = [n for _, n, _ in rows]
-    truncated = [t for _, _, t in rows]
-    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rows) > 1 else 0.0,
-            "completion/mean_length": sum(lengths) / len(rows),
-            "completion/truncated_fraction": sum(truncated) / len(rows)}

@@ -85,3 +85,8 @@ def test_dry_run_prints_config_and_plan(capsys):
     assert main(["--dry-run", "model=random:tiny", "memory_budget=2000000000"]) == 0
     out = capsys.readouterr().out
     assert '"num_generations": 4' in out and "max_tokens_per_microbatch" in out
+
+
+def test_a_choice_named_none_is_a_string_not_null():
+    cfg = load_config(None, ["rollout_correction=none", "scale_rewards=none", "epsilon_high=none"])
+    assert cfg.rollout_correction == "none" and cfg.scale_rewards == "none" and cfg.epsilon_high is None

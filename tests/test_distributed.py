@@ -101,7 +101,7 @@ def test_step_batches_merge_and_resplit():
     """A 2-rank buffer re-split for 1 rank (and back) keeps every sample, its kept flag and log-probs."""
     from fastdash.batch import Sample
     from fastdash.checkpoint import merge_step_batches, split_step_batch
-    from fastdash.trainer import StepBatch
+    from fastdash.batch import StepBatch
 
     def part(offset):
         samples = tuple(Sample(uid=i, prompt_ids=[1], completion_ids=[2] * (1 + (i + offset) % 3), truncated=False,
