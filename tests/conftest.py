@@ -72,7 +72,7 @@ def scripted_run():
     from fastdash.runtime import build_run
 
     def make(**overrides):
-        cfg = tiny_config(**overrides)
+        cfg = tiny_config(**{"engine": "hf", **overrides})  # replaced below: never start vLLM for it
         run = build_run(cfg, with_plan=False)
         run.engine = ScriptedEngine(max_len=cfg.max_completion_length)
         run.reward_fn = digit_sum_reward

@@ -1,9 +1,10 @@
-"""Pipelined generation (async_generation, beyond DASH) against synchronous fastdash, on CPU.
+"""Beyond DASH on CPU: pipelined generation against synchronous fastdash, and the old-log-prob pass
+that `old_logprobs: sampler` removes from Multi / Mini.
 
-    python benchmarks/bench_async.py [--steps 4] [--seeds 1] [--curve-steps 60]
-    pytest benchmarks/bench_async.py -k async       # not part of the default benchmark run (~10 min)
+    python benchmarks/bench_beyond.py [--steps 4] [--seeds 1] [--curve-steps 60]
+    pytest benchmarks/bench_beyond.py -k beyond     # not part of the default benchmark run (~15 min)
 
-Two measurements, arms run one after the other (never interleaved: the async arm's worker keeps
+Three measurements, arms run one after the other (never interleaved: the async arm's worker keeps
 generating between its steps, so another arm timed meanwhile would share its cores):
   paper  the paper-shaped workload of harness.py (random Qwen2, 151,936 vocab, long-tailed forced
          lengths, synthetic reward): per-step wall time, samples/s, generate / backward split.
@@ -11,7 +12,10 @@ generating between its steps, so another arm timed meanwhile would share its cor
          async: fastdash + async_generation, max_staleness 1, tis; trainer 1 thread, worker 1 thread
   curve  the tiny task (`python -m fastdash.train`'s default model and task, shorter): held-out greedy
          accuracy against steps and against training seconds, sync (2 threads) vs async (1 + 1).
-Results: benchmarks/results/async-<device>-<date>.{json,md}.
+  oldlogp  the paper-shaped workload as Multi (K = 2) and Mini (64 generated, 32 per step), each with
+         old_logprobs trainer (a no-grad forward over the kept samples) and sampler (the HF engine's
+         own log-probs): the `logprob` phase is the step time saved, set against backward.
+Results: benchmarks/results/beyond-<device>-<date>.{json,md}.
 """
 from __future__ import annotations
 
@@ -32,20 +36,32 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 RESULTS = Path(__file__).resolve().parent / "results"
 ASYNC = dict(async_generation=True, max_staleness=1, rollout_correction="tis", num_threads=1, async_engine_threads=1)
 PAPER_ARMS = {"sync": dict(num_threads=2), "async": ASYNC}
+OLDLOGP_ARMS = {f"{shape}-{src}": dict(extra, old_logprobs=src) for shape, extra in
+                (("multi", dict(num_iterations=2)), ("mini", dict(generation_batch_size=64)))
+                for src in ("trainer", "sampler")}
 CURVE_ARMS = {"sync": ["num_threads=2"], "async": [f"{k}={str(v).lower()}" for k, v in ASYNC.items()]}
 
 
 def paper_arm(arm: str, seed: int, steps: int, warmup: int = 1) -> dict:
     """`steps` optimizer steps of one arm on the paper-shaped workload; the first `warmup` untimed
     (the async worker's start-up and its first, unoverlapped rollout fall there)."""
+    return _paper_steps(arm, PAPER_ARMS[arm], seed, steps, warmup)
+
+
+def oldlogp_arm(arm: str, seed: int) -> dict:
+    """One rollout's steps (2: K = 2, or 64 samples over 2 steps) of a Multi / Mini arm, all timed."""
+    return _paper_steps(arm, OLDLOGP_ARMS[arm], seed, 2, 0)
+
+
+def _paper_steps(arm: str, overrides: dict, seed: int, steps: int, warmup: int) -> dict:
     import harness
     from fastdash.runtime import build_run
     from fastdash.trainer import Trainer
     from workload import PromptFeed, rows_for
 
     size = harness.SIZES["paper"]
-    cfg = harness.make_config("fastdash", size, seed, max_steps=steps, **PAPER_ARMS[arm])
-    rows = rows_for(size, seed, steps * size["train_batch_size"] // size["num_generations"])
+    cfg = harness.make_config("fastdash", size, seed, max_steps=steps, **overrides)
+    rows = rows_for(size, seed, cfg.rollout_size * -(-steps // cfg.steps_per_generation) // size["num_generations"])
     run = build_run(cfg, with_plan=True)
     trainer = Trainer(cfg, run, prompt_source=PromptFeed(rows))
     timed = []
@@ -54,8 +70,9 @@ def paper_arm(arm: str, seed: int, steps: int, warmup: int = 1) -> dict:
             t0 = time.perf_counter()
             m = trainer.step()
             if i >= warmup:
-                timed.append({"wall_s": time.perf_counter() - t0, "samples": m["rollout/samples"],
+                timed.append({"wall_s": time.perf_counter() - t0, "samples": cfg.train_batch_size,
                               "generate_s": m.get("time/generate_s", 0.0), "backward_s": m.get("time/backward_s", 0.0),
+                              "logprob_s": m.get("time/logprob_s", 0.0),
                               "worker_generate_s": m.get("async/worker_generate_s"),
                               "staleness": m["policy/staleness"], "reward": m["reward/mean"]})
     finally:
@@ -93,7 +110,7 @@ def run(steps: int = 4, seeds: int = 1, curve_steps: int = 60, eval_every: int =
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
     report = {"device": device, "date": date.today().isoformat(), "cpu_count": os.cpu_count(),
-              "paper": [], "curve": []}
+              "paper": [], "curve": [], "oldlogp": []}
     for seed in range(seeds):
         order = ("sync", "async") if seed % 2 == 0 else ("async", "sync")
         for arm in order:
@@ -104,6 +121,11 @@ def run(steps: int = 4, seeds: int = 1, curve_steps: int = 60, eval_every: int =
             report["curve"].append(curve_arm(arm, seed, curve_steps, eval_every, problems))
             c = report["curve"][-1]
             log(f"curve seed {seed} {arm}: {c['train_s']:.1f} s, accuracy {[p['accuracy'] for p in c['curve']]}")
+    for arm in OLDLOGP_ARMS:
+        report["oldlogp"].append(oldlogp_arm(arm, 0))
+        r = report["oldlogp"][-1]
+        log(f"oldlogp {arm}: logprob {sum(x['logprob_s'] for x in r['steps']):.2f} s, "
+            f"backward {sum(x['backward_s'] for x in r['steps']):.2f} s")
     report["summary"] = summarise(report)
     if out_dir is not None:
         write(report, out_dir)
@@ -124,12 +146,15 @@ def summarise(report: dict) -> dict:
     for arm in ("sync", "async"):
         finals = [r["curve"][-1]["accuracy"] for r in report["curve"] if r["arm"] == arm]
         out[f"curve/{arm}/final_accuracy"] = statistics.fmean(finals) if finals else None
+    for r in report["oldlogp"]:
+        for key in ("logprob_s", "backward_s", "wall_s"):
+            out[f"oldlogp/{r['arm']}/{key}"] = sum(x[key] for x in r["steps"])
     return out
 
 
 def write(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"async-{report['device']}-{report['date']}"
+    stem = out_dir / f"beyond-{report['device']}-{report['date']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     s = report["summary"]
     lines = [f"# Async generation vs synchronous fastdash, {report['device']}, {report['date']}", "",
@@ -148,6 +173,12 @@ def write(report: dict, out_dir: Path) -> None:
             w = st["worker_generate_s"]
             lines.append(f"| {r['arm']} | {r['seed']} | {st['wall_s']:.1f} | {st['generate_s']:.1f} | "
                          f"{st['backward_s']:.1f} | {'-' if w is None else f'{w:.1f}'} | {st['staleness']} |")
+    lines += ["", "Multi (K = 2) / Mini (64 generated, 32 per step), one rollout = 2 steps, old_logprobs trainer vs "
+              "sampler (paper-shaped workload, 2 threads):", "",
+              "| arm | logprob s | backward s | wall s (2 steps) |", "|---|---|---|---|"]
+    for r in report["oldlogp"]:
+        cells = [f"{s['oldlogp/' + r['arm'] + '/' + k]:.2f}" for k in ("logprob_s", "backward_s", "wall_s")]
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + " |")
     lines += ["", "Tiny task, held-out greedy accuracy (step: accuracy @ training seconds):", ""]
     for r in report["curve"]:
         pts = ", ".join(f"{p['step']}: {p['accuracy']:.3f} @ {p['train_s']:.0f} s" for p in r["curve"])
@@ -155,12 +186,12 @@ def write(report: dict, out_dir: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def test_async_vs_sync(request, benchmark):
-    """Selected only with `-k async` (about 10 minutes on 2 cores)."""
+def test_beyond_dash(request, benchmark):
+    """Selected only with `-k beyond` (about 15 minutes on 2 cores)."""
     import pytest
 
-    if "async" not in (request.config.getoption("keyword") or ""):
-        pytest.skip("the async benchmark runs only when asked: pytest benchmarks/bench_async.py -k async")
+    if "beyond" not in (request.config.getoption("keyword") or ""):
+        pytest.skip("the beyond-DASH benchmark runs only when asked: pytest benchmarks/bench_beyond.py -k beyond")
     report = benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(report["summary"])
 
