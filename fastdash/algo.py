@@ -123,18 +123,20 @@ def loss_normaliser(loss_type: str, kept_lengths: list[int], all_lengths: list[i
     return float(global_sum(value))
 
 
-def loss_token_weights(loss_type: str, completion_cu_seqlens: torch.Tensor, normaliser) -> torch.Tensor:
+def loss_token_weights(loss_type: str, completion_cu_seqlens: torch.Tensor, normaliser,
+                       num_tokens: int | None = None) -> torch.Tensor:
     """Per-token weights w [N] fp32 with loss = sum_t w_t l_t: what the fused kernel is handed.
 
       grpo:                  w_t = 1 / (len(seq(t)) * normaliser)  (a token mean per sequence)
       bnpo, dr_grpo, dapo:   w_t = 1 / normaliser                  (a token sum)
     `normaliser` is the step's `loss_normaliser` (a float, or a tensor on the tokens' device).
+    `num_tokens` (N, when the caller knows it) spares a device-to-host read of cu_seqlens[-1].
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     cu = completion_cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    n = int(cu[-1]) if cu.numel() else 0
+    n = num_tokens if num_tokens is not None else (int(cu[-1]) if cu.numel() else 0)
     w = torch.ones(n, dtype=torch.float32, device=cu.device)
     if loss_type == "grpo":
         w = torch.repeat_interleave(1.0 / lengths.clamp(min=1).float(), lengths, output_size=n)

@@ -37,7 +37,8 @@ FORMAT = 1
 STATE_KEYS = ("optimizer", "lr_scheduler", "state", "rng", "config")
 # Changing any of these between a checkpoint and its resume would change what the run computes
 # (which problems exist and in what order, the shapes of a step, the loss). learning_rate may change.
-MUST_MATCH = ("model", "task", "dataset", "dataset_split", "prompt_template", "num_generations",
+MUST_MATCH = ("model", "task", "dataset", "dataset_split", "prompt_template", "chat_template", "system_prompt",
+              "num_generations",
               "generation_batch_size", "train_batch_size", "num_iterations", "loss_type", "seed", "shuffle",
               "num_train_problems", "max_prompt_length", "max_completion_length")
 
@@ -248,7 +249,8 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
     check leaves the run untouched."""
     blob, weights = _read(path)
     saved = blob["config"]
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in MUST_MATCH if saved.get(k) != getattr(cfg, k)}
+    diff = {k: (saved[k], getattr(cfg, k)) for k in MUST_MATCH  # keys an older checkpoint lacks: not compared
+            if k in saved and saved[k] != getattr(cfg, k)}
     if diff:
         raise ValueError(f"checkpoint {path} was made with a different config: "
                          + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())

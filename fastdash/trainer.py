@@ -342,7 +342,8 @@ class Trainer:
                 hidden = forward_hidden(self.model, mb)
             out = fused_policy_loss(
                 *self._head_inputs(hidden, self.model), mb.targets, mb.completion_cu_seqlens, mb.advantages,
-                token_weights=loss_token_weights(cfg.loss_type, mb.completion_cu_seqlens, batch.normaliser),
+                token_weights=loss_token_weights(cfg.loss_type, mb.completion_cu_seqlens, batch.normaliser,
+                                                 num_tokens=mb.targets.numel()),
                 old_logps=mb.old_logps, ref_logps=mb.ref_logps, pg_weights=pg_weights(cfg, mb, is_stats),
                 epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                 beta=cfg.beta, kl_estimator=cfg.kl_estimator, temperature=cfg.temperature, backend=cfg.kernel)

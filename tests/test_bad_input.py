@@ -230,6 +230,13 @@ def test_config_that_does_not_match_the_checkpoint(saved):
     assert _same(before, _weights(run.model)) and run.state.step == 0
 
 
+def test_a_changed_chat_rendering_refuses_the_checkpoint(saved):
+    path, make = saved
+    cfg, run = make(system_prompt="Answer in French.")  # every prompt the run trains on would change
+    with pytest.raises(ValueError, match="different config: system_prompt: checkpoint None vs now 'Answer in French.'"):
+        load_checkpoint(cfg, run, Trainer(cfg, run), path)
+
+
 def test_learning_rate_may_change_on_resume(saved):
     path, make = saved
     cfg, run = make(learning_rate=1e-5)
