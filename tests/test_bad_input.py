@@ -232,8 +232,8 @@ def test_config_that_does_not_match_the_checkpoint(saved):
 
 def test_a_changed_chat_rendering_refuses_the_checkpoint(saved):
     path, make = saved
-    cfg, run = make(system_prompt="Answer in French.")  # every prompt the run trains on would change
-    with pytest.raises(ValueError, match="different config: system_prompt: checkpoint None vs now 'Answer in French.'"):
+    cfg, run = make(chat_template=False)  # every prompt the run trains on would be rendered otherwise
+    with pytest.raises(ValueError, match="different config: chat_template: checkpoint 'auto' vs now False"):
         load_checkpoint(cfg, run, Trainer(cfg, run), path)
 
 

@@ -64,12 +64,11 @@ def test_recipe_trains_two_steps(model_dir, tmp_path):
 
     torch.set_num_threads(2)
     cfg = load_config(str(RECIPE), [f"model={model_dir}", f"output_dir={tmp_path}", "max_steps=2",
-                                    "train_batch_size=32", "generation_batch_size=32",  # 4 prompts x 8 per step
-                                    "num_eval_problems=24", "plots=false",
+                                    "num_eval_problems=32", "plots=false",
                                     "memory_budget=5000000000"])  # small probes: the plan's probing dominates 2 steps
     summary = run_training(cfg, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and summary["samples"] == 2 * 32
+    assert [r["step"] for r in rows] == [1, 2] and summary["samples"] == 2 * 64
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert all(0.0 < r["reward/mean"] < 1.0 for r in rows)  # the pretrained model solves some, not all
     assert 0.0 < summary["eval/accuracy_before"] < 1.0
