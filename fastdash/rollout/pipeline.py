@@ -105,7 +105,8 @@ class GenerationPipeline:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"async generation: rollout {want.index} not back after {timeout_s} s")
         if kind == "error":
-            raise RuntimeError(f"async generation: the worker failed on rollout {index}:\n{payload}")
+            what = "could not start" if index < 0 else f"failed on rollout {index}"
+            raise RuntimeError(f"async generation: the worker {what}:\n{payload}")
         if index != want.index:  # one queue, answered in order: anything else is a bug
             raise RuntimeError(f"async generation: expected rollout {want.index}, got {index}")
         return want, payload, seconds
