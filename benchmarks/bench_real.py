@@ -269,13 +269,15 @@ def race(*, arms=ALL_ARMS, steps: int = 8, eval_every: int = 4, eval_problems: i
     return out
 
 
-def write_results(result: dict, out_dir: Path = RESULTS) -> dict:
+def write_results(result: dict, out_dir: Path = RESULTS, note: str | None = None) -> dict:
+    """JSON, Markdown and PNG. `note` says how busy the machine was (default: its load average now)."""
     from devices import cpu_name, device_name, device_slug
 
     device = "gpu" if __import__("torch").cuda.is_available() else "cpu"
     stem = out_dir / f"real-race-{device_slug(device)}-{date.today().isoformat()}"
     result = {**result, "device": device_name(device) if device == "gpu" else cpu_name(), "date": date.today().isoformat(),
-              "cpu_count": os.cpu_count(), "note": "shared machine: many agents ran on the same cores"}
+              "cpu_count": os.cpu_count(),
+              "note": note or f"1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when written"}
     out_dir.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Real-model learning race ({result['device']}, {result['date']})", "",
@@ -301,7 +303,7 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> dict:
         axes[1].plot([e["samples"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], "o-", label=a)
     for ax, xl in zip(axes, ("training wall time (s)", "samples")):
         ax.set_xlabel(xl), ax.set_ylabel("held-out greedy accuracy"), ax.legend(), ax.grid(alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M-Instruct, arithmetic_chat ({result['device']}, shared machine)")
+    fig.suptitle(f"SmolLM2-135M-Instruct, arithmetic_chat ({result['device']}, {result['date']})")
     fig.tight_layout()
     fig.savefig(f"{stem}.png", dpi=100)
     plt.close(fig)

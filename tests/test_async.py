@@ -130,3 +130,17 @@ def test_kill9_and_resume_train_every_step_once_bit_for_bit(tmp_path):
         [{k: v for k, v in r.items() if k not in drop} for r in untimed(ref_dir, "metrics.jsonl")]
     a, b = load_file(out / "final" / "model.safetensors"), load_file(ref_dir / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dead_worker_is_an_error_naming_it():
+    cfg = tiny_config(max_steps=3, num_threads=1, async_generation=True, rollout_correction="tis")
+    run = build_run(cfg, with_plan=False)
+    trainer = Trainer(cfg, run)
+    try:
+        trainer.submit_ahead()
+        trainer.pipeline.worker.kill()
+        trainer.pipeline.worker.join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"the worker \(pid \d+\) died with exit code -9"):
+            trainer.rollout()
+    finally:
+        trainer.close()
