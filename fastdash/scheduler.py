@@ -225,8 +225,11 @@ def plan_backprop(activation_fn: Callable[[int], int], w: Workload, cap: Capacit
                   times: dict[int, float] | None = None) -> Backprop:
     """The token budget: probe 1, 2, 4, 8 worst-case samples (while the fit says they fit in `room`),
     solve the fit, verify by a probe at the chosen budget, stop short where tokens/s stops growing
-    (when `times` has the probes' timings), then check a pinned budget against the fit."""
+    (when `times` has the probes' timings). A pinned budget only gets the 1- and 2-sample probes and
+    is checked against their fit (a warning when it is predicted not to fit): pinning skips the sweep."""
     L, M = w.sample_len, w.samples_per_step
+    if pins.tokens is not None:  # a pin is checked against a small fit, not searched for and verified
+        probe_samples = tuple(n for n in probe_samples if n <= 2) or probe_samples[:1]
     points: list[tuple[int, int]] = []
     for n in sorted({min(n, M) for n in probe_samples}):
         t = n * L
@@ -237,6 +240,11 @@ def plan_backprop(activation_fn: Callable[[int], int], w: Workload, cap: Capacit
         raise MemoryPlanError(f"one worst-case sample of {L} tokens needs {points[0][1] / GiB:.3f} GiB of "
                               f"activations, {room / GiB:.3f} GiB left after the fixed part: {cap.describe()}")
     tokens = _solve_tokens(fit_activation(points), room, L, M, cap.describe())
+    if pins.tokens is not None:
+        bp = Backprop(tokens, tokens, None, fit_activation(points), points)  # tokens: predicted, not verified
+        bp.warnings += _check_pinned_tokens(pins.tokens, bp, cap, room, L)
+        bp.tokens = pins.tokens
+        return bp
     tokens = _verify_tokens(activation_fn, points, tokens, room, verify_rounds, L)
     memory_tokens, fastest = tokens, None
     if times:
@@ -245,11 +253,7 @@ def plan_backprop(activation_fn: Callable[[int], int], w: Workload, cap: Capacit
     probed = max(t for t, _ in points[:len(probe_samples)])
     # the fit the plan reports: the probes, or the three measurements nearest the chosen budget
     fit = fit_activation(points if tokens <= probed else sorted(p for p in points if p[0] <= tokens)[-3:])
-    bp = Backprop(tokens, memory_tokens, fastest, fit, points)
-    if pins.tokens is not None:
-        bp.warnings += _check_pinned_tokens(pins.tokens, bp, cap, room, L)
-        bp.tokens = pins.tokens
-    return bp
+    return Backprop(tokens, memory_tokens, fastest, fit, points)
 
 
 def _check_pinned_tokens(pinned: int, bp: Backprop, cap: Capacity, room: int, L: int) -> list[str]:

@@ -278,6 +278,15 @@ def test_pinned_values_are_kept_and_checked():
         fake_plan(model, engine="vllm", gpu_memory_utilization=1.5)
 
 
+def test_a_pinned_budget_skips_the_sweep_and_the_verification():
+    model = tiny_model()
+    auto, act_auto = fake_plan(model)
+    pinned, act = fake_plan(model, max_tokens_per_microbatch=4 * auto.max_tokens_per_microbatch)
+    assert max(act.calls) <= 2 * L < max(act_auto.calls)  # only the 1- and 2-sample probes ran
+    assert pinned.max_tokens_per_microbatch == 4 * auto.max_tokens_per_microbatch
+    assert any("OOM" in w for w in pinned.warnings)  # still checked, against the small probes' fit
+
+
 def test_too_little_memory_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(MemoryPlanError, match="one worst-case sample of 128 tokens"):
