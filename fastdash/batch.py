@@ -63,7 +63,6 @@ class StepBatch:
         return min((s.policy_version for s in self.samples), default=0)
 
 
-
 @dataclass
 class MicroBatch:
     """One backprop micro-batch, packed (one row, `cu_seqlens`) or padded (B rows, attention mask).

@@ -4,8 +4,9 @@ A checkpoint is a directory `checkpoint-<step>/` holding the model (safetensors,
 `from_pretrained`), the tokenizer, the config, and `trainer_state.pt`: optimizer and LR-scheduler
 state, the `TrainState` (step, data position, counters), RNG states (python, numpy, torch, CUDA),
 the token budget and any rollout samples not yet trained on (Mini / Multi reuse a rollout across
-steps; with async generation the rollouts in flight are awaited and saved as step batches). It is written under a temporary name and renamed into place only once complete (with a
-`COMPLETE` marker inside), so a kill during a save never leaves a half checkpoint that looks whole.
+steps; with async generation the rollouts in flight are awaited and saved as step batches). It is
+written under a temporary name and renamed into place only once complete (with a `COMPLETE` marker
+inside), so a kill during a save never leaves a half checkpoint that looks whole.
 `trainer_state.pt` is a pickle: load only checkpoints you (or your runs) wrote.
 
 Several ranks (DDP: every rank holds the same full fp32 weights and optimizer state) write one

@@ -252,8 +252,10 @@ class Config:
             bad("engine", "speculative decoding is a vLLM option: set engine=vllm, or speculative=null")
 
     def _validate_async(self, bad) -> None:
-        if self.max_staleness < 0 or self.async_engine_threads <= 0:
-            bad("max_staleness", "max_staleness must be >= 0 and async_engine_threads > 0")
+        if self.max_staleness < 0:
+            bad("max_staleness", "must be >= 0 (0 = generate each rollout just before its own step)")
+        if self.async_engine_threads <= 0:
+            bad("async_engine_threads", "must be > 0")
         if not self.async_generation:
             return
         if self.steps_per_generation != 1:

@@ -66,6 +66,16 @@ def share(n: int, r: int | None = None, w: int | None = None) -> tuple[int, int]
     return n * r // w, n * (r + 1) // w
 
 
+def call_prompts(ranges: list[tuple[int, int]], per_call: int) -> list[list[int]]:
+    """The global prompt indices of each engine call: those of `ranges` (`step_shares`) that one
+    process would generate in the same call (one call per one-process call that holds any of them)."""
+    calls: dict[int, list[int]] = {}
+    for lo, hi in ranges:
+        for i in range(lo, hi):
+            calls.setdefault(i // per_call, []).append(i)
+    return list(calls.values())
+
+
 def step_shares(n_prompts: int, prompts_per_step: int) -> list[tuple[int, int]]:
     """This rank's prompt index ranges of a rollout: its contiguous share of every step's prompts
     (a group stays on one rank; every step is spread over all ranks, also when a rollout feeds several)."""

@@ -239,9 +239,10 @@ def plan_backprop(activation_fn: Callable[[int], int], w: Workload, cap: Capacit
     if points[0][1] > room:
         raise MemoryPlanError(f"one worst-case sample of {L} tokens needs {points[0][1] / GiB:.3f} GiB of "
                               f"activations, {room / GiB:.3f} GiB left after the fixed part: {cap.describe()}")
-    tokens = _solve_tokens(fit_activation(points), room, L, M, cap.describe())
+    fit = fit_activation(points)
+    tokens = _solve_tokens(fit, room, L, M, cap.describe())
     if pins.tokens is not None:
-        bp = Backprop(tokens, tokens, None, fit_activation(points), points)  # tokens: predicted, not verified
+        bp = Backprop(tokens, tokens, None, fit, points)  # tokens: predicted, not verified
         bp.warnings += _check_pinned_tokens(pins.tokens, bp, cap, room, L)
         bp.tokens = pins.tokens
         return bp

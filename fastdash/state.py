@@ -21,7 +21,6 @@ class TrainState:
                                                     "stale_dropped_samples": 0})
 
 
-
 class PromptSampler:
     """Epoch-wise permutation of problem indices, reproducible from (seed, epoch) alone."""
 

@@ -99,10 +99,7 @@ class Trainer:
         if self.pipeline is None:
             from fastdash.rollout.pipeline import GenerationPipeline
 
-            plan = self.run.plan
-            self.pipeline = GenerationPipeline(self.cfg, self.model, compute_dtype=self.run.compute_dtype,
-                                               device=self.run.device,
-                                               concurrency=plan.generation_concurrency if plan else None)
+            self.pipeline = GenerationPipeline.for_run(self.cfg, self.run)
         G, shape = self.cfg.num_generations, self.cfg.preemptive_sampling
         last = min(self.state.step + self.cfg.max_staleness, self.run.total_steps - 1)  # none past the run's end
         while self.state.rollouts <= last:
@@ -193,7 +190,7 @@ class Trainer:
         forced = (self.run.forced_lengths(self.state.rollouts, shape.samples)  # benchmarks only
                   if self.cfg.length_control_mean else None)
         per_call, calls, done = shape.samples_per_call // G, [], 0
-        for idx in _calls(ranges or [(0, len(prompt_ids))], per_call):
+        for idx in distributed.call_prompts(ranges or [(0, len(prompt_ids))], per_call):
             first = idx[0] // per_call * per_call  # the one-process call's first prompt
             call = _call_params(params, forced, first * G, len(idx) * G)
             if forced and (idx[0] != first or idx[-1] - idx[0] + 1 != len(idx)):  # a rank's part of it
@@ -391,13 +388,3 @@ def _call_params(params: SamplingParams, forced: list[int] | None, start: int, c
     """Per-call parameters: the seed moves per call, the rollout's forced lengths are sliced per call."""
     return replace(params, seed=params.seed * 1009 + start,
                    forced_lengths=tuple(forced[start : start + count]) if forced else None)
-
-
-def _calls(ranges: list[tuple[int, int]], per_call: int) -> list[list[int]]:
-    """The global prompt indices of each engine call: those of `ranges` that one process would
-    generate in the same call (one call per one-process call that holds any of them)."""
-    calls: dict[int, list[int]] = {}
-    for lo, hi in ranges:
-        for i in range(lo, hi):
-            calls.setdefault(i // per_call, []).append(i)
-    return list(calls.values())

@@ -71,6 +71,13 @@ class GenerationPipeline:
         log.info("async generation: worker pid %d, max_staleness %d, %d weight slots of %.1f MiB",
                  self.worker.pid, self.staleness, len(self.slots), self.push_bytes / 2**20)
 
+    @classmethod
+    def for_run(cls, cfg, run) -> "GenerationPipeline":
+        """The worker for a `fastdash.runtime.Run`: its model, compute dtype, device and planned concurrency."""
+        plan = run.plan
+        return cls(cfg, run.model, compute_dtype=run.compute_dtype, device=run.device,
+                   concurrency=plan.generation_concurrency if plan else None)
+
     # ------------------------------------------------------------------ trainer side -------------
     def submit(self, index: int, version: int, problems: list, calls: list) -> float:
         """Queue rollout `index` (its engine calls: (prompt_ids, n, SamplingParams)) with the current
