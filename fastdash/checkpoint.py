@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fastdash import distributed
+from fastdash import distributed, fsdp
 from fastdash.config import save_config
 
 log = logging.getLogger("fastdash")
@@ -120,15 +120,17 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
     step = run.state.step
     trainer.drain()  # async generation: in-flight rollouts become buffered step batches, saved below
     ranks = distributed.gather_objects({"rng": _rng_state(), "buffer": trainer.buffer, "budget": trainer.budget})
+    weights = fsdp.full_model_state(run.model)  # FSDP: gathered to rank 0 (collective), else the model's own
+    optimizer = fsdp.full_optimizer_state(run.model, run.optimizer)
     if not distributed.is_main():  # rank 0 writes; the others wait until the checkpoint is complete
         distributed.barrier()
         return out / f"checkpoint-{step}"
 
     def write(d: Path):
-        run.model.save_pretrained(d, safe_serialization=True)
+        _save_pretrained(run.model, d, weights)
         run.tokenizer.save_pretrained(d)
         save_config(cfg, d / "config.yaml")
-        torch.save({"format": FORMAT, "optimizer": run.optimizer.state_dict(),
+        torch.save({"format": FORMAT, "optimizer": optimizer,
                     "lr_scheduler": run.lr_scheduler.state_dict(), "state": dataclasses.asdict(run.state),
                     "rng": _rng_state(), "buffer": trainer.buffer, "budget": trainer.budget,
                     "config": cfg.to_dict(), "world": len(ranks)}, d / "trainer_state.pt")
@@ -152,19 +154,27 @@ def save_final(cfg, run, trainer, out: Path, checkpoint: bool = True) -> Path:
     saved (`checkpoint=False`), a full checkpoint of the last step (fp32 master weights: exact resume)."""
     if checkpoint:
         save_checkpoint(cfg, run, trainer, out)
+    full = fsdp.full_model_state(run.model)  # collective when sharded
     if not distributed.is_main():
         return out / "final"
     dtype = final_dtype(cfg, run)
 
     def write(d: Path):
-        weights = {k: v.to(dtype) for k, v in run.model.state_dict().items()}
-        run.model.save_pretrained(d, state_dict=weights, safe_serialization=True)
+        _save_pretrained(run.model, d, {k: v.to(dtype) for k, v in full.items()})
         config = json.loads((d / "config.json").read_text())  # save_pretrained writes the fp32 master's dtype
         config["dtype"] = str(dtype).removeprefix("torch.")
         (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         run.tokenizer.save_pretrained(d)
 
     return _write_atomically(out / "final", write)
+
+
+def _save_pretrained(model, d: Path, weights: dict) -> None:
+    """save_pretrained with the given full weights; a tied head is stored once (the embedding), as
+    for an unsharded model (a gathered state dict holds it as a second tensor)."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    model.save_pretrained(d, state_dict=weights, safe_serialization=True)
 
 
 def _step_of(p: Path) -> int | None:
@@ -265,9 +275,9 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
     if missing or unexpected or shapes:
         raise ValueError(f"checkpoint {path} does not fit the model {cfg.model!r}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatches {shapes[:3]}")
-    run.model.load_state_dict(weights, strict=False)
+    fsdp.load_model_state(run.model, weights)
     try:
-        run.optimizer.load_state_dict(blob["optimizer"])
+        fsdp.load_optimizer_state(run.model, run.optimizer, blob["optimizer"])
         run.lr_scheduler.load_state_dict(blob["lr_scheduler"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path}: optimizer state does not fit this model ({e}); "
@@ -282,7 +292,8 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
     trainer.budget = blob.get("budget", trainer.budget)
     _set_rng_state(blob["rng"])
     _restore_rank_state(cfg, trainer, path, blob)
-    trainer.engine.sync_weights(run.model)  # an engine with its own copy (vLLM) built before the load
+    with fsdp.gathered(run.model):
+        trainer.engine.sync_weights(run.model)  # an engine with its own copy (vLLM) built before the load
     log.info("resumed from %s at step %d", path, run.state.step)
 
 

@@ -137,8 +137,9 @@ class Config:
     num_eval_samples: int = opt(4, "sampled completions per held-out problem: pass@1 and pass@k, k = this")
     num_threads: int = opt(0, "CPU threads; 0 = torch's default")
     # --- several ranks (torchrun; README "Several GPUs / torchrun") ---
-    parallelism: str = opt("auto", "auto | ddp (a full fp32 replica per rank) | fsdp (not built yet: refused)")
-    generation_gpus: int = opt(0, "split placement: vLLM engines on the last K GPUs (0 = colocated)")
+    parallelism: str = opt(
+        "auto", "auto | ddp (a full fp32 replica per rank) | fsdp (FSDP2: weights, grads, AdamW in shards)")
+    generation_gpus: int = opt(0, "split placement: vLLM engines on the last K GPUs (not built: refused; 0 = off)")
     dist_timeout_s: int = opt(600, "collective timeout; a silent peer ends the run after this (> an eval's time)")
     plots: bool = opt(True, "write reward.png / time.png / accuracy plots at the end of the run")
     extra: dict = field(default_factory=dict, metadata={"help": "free-form, e.g. for user reward functions"})

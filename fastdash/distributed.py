@@ -140,7 +140,11 @@ def placement(cfg, world: int, cuda_devices: int) -> str:
     """--dry-run: what each rank does and where the engines live."""
     G, shape = cfg.num_generations, cfg.preemptive_sampling
     per_step, per_rollout = cfg.train_batch_size // world, shape.samples // world
-    lines = [f"ranks: {world} ({resolve_parallelism(cfg)}: one fp32 replica each; gradients summed once per step)",
+    mode = resolve_parallelism(cfg, world)
+    held = ("fp32 weights, gradients and AdamW state sharded 1/%d per rank (FSDP2); every micro-batch "
+            "all-gathers each layer" % world if mode == "fsdp" else "one fp32 replica each; gradients summed "
+            "once per step")
+    lines = [f"ranks: {world} ({mode}: {held})",
              f"per rank: {per_step} samples ({per_step // G} prompts x G={G}) of each step, {per_rollout} of each "
              f"rollout; engine calls of <= {rank_call_samples(cfg, world)} samples; the memory plan below is a rank's"]
     if cfg.generation_gpus:
@@ -170,22 +174,21 @@ def check_world(cfg, world: int, cuda_devices: int) -> None:
                              "and the trainer needs at least one; lower generation_gpus")
         if cfg.engine == "hf":
             raise ValueError("config: generation_gpus>0 puts vLLM engines on their own GPUs; set engine=vllm")
+        raise ValueError(f"config: generation_gpus={cfg.generation_gpus}: split placement is not built yet "
+                         "(only its weight broadcast is); set generation_gpus=0 (every rank generates its share)")
     if cfg.async_generation and world > 1:
         raise ValueError("config: async_generation runs one generation worker for one trainer process; "
                          "with several ranks set async_generation=false")
-    if cfg.parallelism == "fsdp":
-        raise ValueError("config: parallelism='fsdp' is not supported yet: the fused loss reads the whole lm_head "
-                         "weight outside the module's forward (FSDP2 holds it as a sharded DTensor), and packed "
-                         "ranks run different numbers of micro-batches (FSDP2's per-forward all-gathers need equal "
-                         "counts); use parallelism=ddp (one full fp32 replica per rank) or auto")
     if shape.samples_per_call % G:
         raise ValueError(f"config: generation_batch_size={cfg.generation_batch_size}: must be a multiple of "
                          f"num_generations={G}")
 
 
-def resolve_parallelism(cfg) -> str:
-    """auto = ddp, the one mode built (FSDP2 is refused at start by `check_world`)."""
-    return "ddp" if cfg.parallelism in ("auto", "ddp") else cfg.parallelism
+def resolve_parallelism(cfg, world: int | None = None) -> str:
+    """ddp or fsdp. One process has nothing to shard (fsdp runs unsharded there: a sharded checkpoint
+    resumes on one rank); auto is ddp unless the memory plan finds no room for a replica (runtime)."""
+    world = planned_world() if world is None else world
+    return "fsdp" if cfg.parallelism == "fsdp" and world > 1 else "ddp"
 
 
 def setup(cfg) -> None:
@@ -331,7 +334,8 @@ def _reduce_bucket(grads: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
-SUMMED = ("loss", "microbatches", "tokens/loss", "tokens/padding", "tokens/real", "mismatch/tokens")
+SUMMED = ("loss", "microbatches", "tokens/loss", "tokens/padding", "tokens/real", "mismatch/tokens",
+          "fsdp/padding_microbatches")
 
 
 def reduce_step_stats(stats: dict) -> dict:

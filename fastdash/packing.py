@@ -257,3 +257,15 @@ def collate_padded(samples: list[Sample], pad_token_id: int) -> MicroBatch:
         meta={"padding_tokens": B * T - real, "real_tokens": real},
         **_loss_fields(samples, torch.cat(index)),
     )
+
+
+def microbatches(samples: list[Sample], *, budget: int | None, micro_batch_size: int, pad_id: int,
+                 device) -> list[tuple[MicroBatch, list[Sample]]]:
+    """(micro-batch on `device`, its samples) pairs: packed under `budget` tokens, or (budget None)
+    padded `micro_batch_size` samples at a time."""
+    if budget is not None:
+        groups = [[samples[i] for i in idx] for idx in plan_microbatches([s.length for s in samples], budget,
+                                                                          allow_oversize=False)]
+        return [(collate_packed(g).to(device), g) for g in groups]
+    groups = [[samples[i] for i in idx] for idx in plan_padded_microbatches(len(samples), micro_batch_size)]
+    return [(collate_padded(g, pad_id).to(device), g) for g in groups]

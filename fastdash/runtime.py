@@ -149,6 +149,22 @@ def build_plan(cfg: Config, model, device: torch.device):
         gpu_memory_utilization=cfg.gpu_memory_utilization)
 
 
+def _plan_and_parallelism(cfg: Config, model, device, with_plan: bool):
+    """The memory plan and the parallelism (`distributed.resolve_parallelism`): with auto, several
+    ranks shard with FSDP2 when the plan finds no room for a full replica per rank."""
+    from fastdash.distributed import planned_world, resolve_parallelism
+    from fastdash.memory_plan import MemoryPlanError
+
+    try:
+        plan = build_plan(cfg, model, device) if with_plan else None
+    except MemoryPlanError as e:
+        if cfg.parallelism != "auto" or planned_world() == 1:
+            raise
+        log.warning("parallelism=auto: a full replica per rank does not fit (%s); sharding with FSDP2", e)
+        return None, "fsdp"
+    return plan, resolve_parallelism(cfg, planned_world())
+
+
 def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)  # before any engine starts (vLLM replaces it with a no-op)
@@ -169,9 +185,18 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     train = _drop_long_prompts(cfg, tok, train, "train data")
     evals = _drop_long_prompts(cfg, tok, evals, "eval data")
     total = count_steps(cfg, len(train))
+    from fastdash.distributed import planned_world
+
+    plan, mode = _plan_and_parallelism(cfg, model, device, with_plan)
+    # bf16 compute (or a model to shard): the HF engine keeps its own full copy
+    engine = make_engine(cfg, model, tok, plan, compute_dtype=dtype, own_copy=mode == "fsdp")
+    if mode == "fsdp":  # after the engine's and the reference's full copies; before the optimizer
+        from fastdash.fsdp import shard
+
+        shard(model, dtype)
+        log.info("parallelism=fsdp: fp32 weights, gradients and AdamW state sharded over %d ranks (FSDP2)",
+                 planned_world())
     optimizer, lr_scheduler = build_optimizer(cfg, model, total)
-    plan = build_plan(cfg, model, device) if with_plan else None
-    engine = make_engine(cfg, model, tok, plan, compute_dtype=dtype)  # bf16 compute: the HF engine keeps a bf16 copy
     reward_fn = get_reward_fn(cfg.reward or DEFAULT_REWARD[cfg.task])
     return Run(cfg=cfg, device=device, model=model, ref_model=ref_model, tokenizer=tok, engine=engine,
                train_problems=train, eval_problems=evals, reward_fn=reward_fn, optimizer=optimizer,

@@ -6,6 +6,7 @@ torchrun sets them); tests/test_distributed.py compares the ranks' results with 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,11 +15,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ScriptedEngine, digit_sum_reward, sgd, tiny_config  # noqa: E402
 
-from fastdash import distributed  # noqa: E402
+from fastdash import distributed, fsdp  # noqa: E402
 
 # every loss type, filter on, beta 0 and > 0; then Multi (old log-probs), batch-std advantages, padding
 CASES = [dict(loss_type=lt, beta=beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo") for beta in (0.0, 0.04)]
 CASES += [dict(loss_type="dapo", num_iterations=2, scale_rewards="batch", packing=False)]
+# the same with FSDP2 (parallelism=fsdp; one process runs it unsharded)
+CASES += [dict(parallelism="fsdp", loss_type="grpo", beta=0.04), dict(parallelism="fsdp", loss_type="dr_grpo", max_tokens_per_microbatch=22),
+          dict(parallelism="fsdp", loss_type="dapo", num_iterations=2, scale_rewards="batch", packing=False),
+          # the second half of the step filtered: rank 1 keeps nothing and runs rank 0's count of dummies
+          dict(parallelism="fsdp", loss_type="bnpo", beta=0.04, max_tokens_per_microbatch=22, drop_second_half=True)]
 
 
 def config(**case):
@@ -30,24 +36,32 @@ def one_step(case: dict) -> dict:
     from fastdash.runtime import build_run
     from fastdash.trainer import Trainer
 
+    case = dict(case)
+    drop = case.pop("drop_second_half", False)
     cfg = config(**case)
     run = build_run(cfg, with_plan=False)
     run.engine = ScriptedEngine(max_len=cfg.max_completion_length)
     run.reward_fn = digit_sum_reward
     sgd(run, lr=1.0)
     trainer = Trainer(cfg, run)
+    if drop:  # zero advantage (the filter drops it) for every sample in the step's second half
+        half, offset = cfg.train_batch_size // 2, distributed.rank() * cfg.train_batch_size // distributed.world_size()
+        step_batch = trainer.step_batch
+        trainer.step_batch = lambda samples: step_batch(
+            [s if offset + s.uid < half else dataclasses.replace(s, advantage=0.0) for s in samples])
     grads = {}
     step = trainer._optimizer_step
 
-    def capture():
-        grads.update({n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None})
+    def capture():  # full_tensor: FSDP's gradients and weights are shards (DTensors)
+        grads.update({n: fsdp.local(p.grad).detach().clone() for n, p in run.model.named_parameters()
+                      if p.grad is not None})
         return step()
 
     trainer._optimizer_step = capture
     metrics = trainer.step()
-    weights = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    weights = {n: fsdp.local(p).detach().clone() for n, p in run.model.named_parameters()}
     return {"grads": grads, "weights": weights, "metrics": metrics, "world": distributed.world_size(),
-            "engine_rows": sum(run.engine.calls)}
+            "engine_rows": sum(run.engine.calls), "sharded": fsdp.is_sharded(run.model)}
 
 
 def broadcast(out: Path) -> None:

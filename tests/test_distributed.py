@@ -60,7 +60,8 @@ def _bound(ref: torch.Tensor, terms: int) -> float:
 @pytest.mark.slow
 def test_two_ranks_step_equals_one_process(tmp_path):
     """Gradients before the step and weights after it (SGD, lr 1) on 2 ranks = 1 process, for every
-    loss type with the filter on, beta 0 and > 0, Multi with batch-std advantages and padding."""
+    loss type with the filter on, beta 0 and > 0, Multi with batch-std advantages and padding; DDP and
+    FSDP2 (sharded gradients and weights gathered to compare), FSDP with a rank that keeps nothing."""
     procs = launch([str(HERE / "dist_worker.py"), str(tmp_path)])
     for rc, text in wait_all(procs, timeout=300):
         assert rc == 0, text[-3000:]
@@ -69,6 +70,10 @@ def test_two_ranks_step_equals_one_process(tmp_path):
         ranks = [torch.load(tmp_path / f"case{i}-rank{r}.pt") for r in range(2)]
         assert ref["grads"], case
         assert [r["world"] for r in ranks] == [2, 2] and ref["world"] == 1
+        fsdp = case.get("parallelism") == "fsdp"
+        assert [r["sharded"] for r in ranks] == [fsdp, fsdp] and not ref["sharded"]
+        if case.get("drop_second_half"):  # rank 1 kept nothing: it ran rank 0's count of zero-loss dummies
+            assert ranks[1]["metrics"]["fsdp/padding_microbatches"] == ranks[1]["metrics"]["microbatches"] > 0
         assert [r["engine_rows"] for r in ranks] == [ref["engine_rows"] // 2] * 2  # each rank generated half
         terms = ref["metrics"]["tokens/loss"] + 2
         for name, g in ref["grads"].items():
@@ -144,15 +149,17 @@ def _wait_for(path: Path, procs, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_resume_is_bit_identical_and_resumes_on_one_rank(tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_sigkill_resume_is_bit_identical_and_resumes_on_one_rank(tmp_path, parallelism):
     import shutil
     import signal
 
     full, cut = tmp_path / "full", tmp_path / "cut"
-    steps = "max_steps=8"  # killed once checkpoint-2 is complete: mid-run
-    for rc, text in wait_all(launch(train_args(full, steps)), timeout=600):
+    steps = ("max_steps=8", f"parallelism={parallelism}")  # killed once checkpoint-2 is complete: mid-run
+    for rc, text in wait_all(launch(train_args(full, *steps)), timeout=600):
         assert rc == 0, text[-3000:]
-    procs = launch(train_args(cut, steps))
+        assert parallelism != "fsdp" or "parallelism=fsdp: fp32 weights" in text, text[-3000:]
+    procs = launch(train_args(cut, *steps))
     _wait_for(cut / "checkpoint-2" / "COMPLETE", procs, timeout=600)
     for p in procs:
         p.send_signal(signal.SIGKILL)
@@ -164,23 +171,30 @@ def test_sigkill_resume_is_bit_identical_and_resumes_on_one_rank(tmp_path):
         if extra.name != "checkpoint-2":
             shutil.rmtree(extra)
     assert not (cut / "checkpoint-8").exists()
-    for rc, text in wait_all(launch(train_args(cut, steps, "resume=auto")), timeout=600):
+    for rc, text in wait_all(launch(train_args(cut, *steps, "resume=auto")), timeout=600):
         assert rc == 0, text[-3000:]
     a, b = weights(full / "checkpoint-8"), weights(cut / "checkpoint-8")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
-    done = subprocess.run([sys.executable, *train_args(one, "resume=auto")], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, *train_args(one, steps[1], "resume=auto")], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "written by 2 rank(s), this run has 1" in done.stderr
     assert (one / "checkpoint-4" / "COMPLETE").exists()
+    if parallelism == "fsdp":  # and back: the one-process checkpoint (optimizer keyed by position) on 2 shards
+        for rc, text in wait_all(launch(train_args(one, steps[1], "max_steps=6", "resume=auto")), timeout=600):
+            assert rc == 0, text[-3000:]
+            assert "written by 1 rank(s), this run has 2" in text, text[-3000:]
+        assert (one / "checkpoint-6" / "COMPLETE").exists()
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_survivor_naming_it(tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_a_killed_rank_ends_the_survivor_naming_it(tmp_path, parallelism):
     import signal
     import time
 
-    procs = launch(train_args(tmp_path, "max_steps=400", "save_steps=0", "dist_timeout_s=20"))
+    procs = launch(train_args(tmp_path, "max_steps=400", "save_steps=0", "dist_timeout_s=20",
+                              f"parallelism={parallelism}"))
     _wait_for(tmp_path / "metrics.jsonl", procs, timeout=600)
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
@@ -197,8 +211,12 @@ def test_bad_combinations_fail_at_start_naming_the_key():
 
     with pytest.raises(ValueError, match="train_batch_size=16: must be a multiple of ranks x num_generations = 3 x 4"):
         distributed.check_world(Config(train_batch_size=16, generation_batch_size=16), 3, 0)
-    with pytest.raises(ValueError, match="parallelism='fsdp'"):
-        distributed.check_world(Config(parallelism="fsdp"), 2, 0)
+    distributed.check_world(Config(parallelism="fsdp"), 2, 0)  # FSDP2 runs on CPU (gloo)
+    assert distributed.resolve_parallelism(Config(parallelism="fsdp"), 1) == "ddp"  # nothing to shard alone
+    assert distributed.resolve_parallelism(Config(parallelism="fsdp"), 2) == "fsdp"
+    assert distributed.resolve_parallelism(Config(), 2) == "ddp"
+    with pytest.raises(ValueError, match="generation_gpus=1: split placement is not built"):
+        distributed.check_world(Config(generation_gpus=1, engine="vllm"), 2, 4)
     with pytest.raises(ValueError, match="generation_gpus=1: split placement needs CUDA"):
         distributed.check_world(Config(generation_gpus=1, engine="vllm"), 2, 0)
     with pytest.raises(ValueError, match="generation_gpus=2: only 2 GPU"):

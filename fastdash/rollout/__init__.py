@@ -9,11 +9,12 @@ from fastdash.rollout.hf import HFEngine
 log = logging.getLogger("fastdash")
 
 
-def make_engine(cfg, model, tokenizer, plan=None, compute_dtype=None) -> Engine:
+def make_engine(cfg, model, tokenizer, plan=None, compute_dtype=None, own_copy: bool = False) -> Engine:
     """engine = auto | vllm | hf. auto takes vLLM when it imports, else HF, and says which once.
 
     `compute_dtype`: the dtype to generate in when it differs from the model's (fp32 master weights,
-    bf16 generation); the HF engine then keeps its own copy in that dtype and syncs into it."""
+    bf16 generation); the HF engine then keeps its own copy in that dtype and syncs into it.
+    `own_copy`: the HF engine copies the weights even in the same dtype (the model is to be sharded)."""
     concurrency = getattr(plan, "generation_concurrency", None) if plan is not None else None
     if cfg.engine in ("auto", "vllm"):
         from fastdash.rollout.vllm import vllm_available  # never imports vllm itself
@@ -35,4 +36,4 @@ def make_engine(cfg, model, tokenizer, plan=None, compute_dtype=None) -> Engine:
         log.info("rollout engine: hf (vLLM not available: %s)", reason)
     else:
         log.info("rollout engine: hf")
-    return HFEngine(model, tokenizer, max_batch_size=concurrency, dtype=compute_dtype)
+    return HFEngine(model, tokenizer, max_batch_size=concurrency, dtype=compute_dtype, own_copy=own_copy)

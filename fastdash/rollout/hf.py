@@ -36,15 +36,17 @@ log = logging.getLogger("fastdash")
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer, *, max_batch_size: int | None = None, dtype: torch.dtype | None = None,
+                 own_copy: bool = False):
         self.tok = tokenizer
         self.max_batch_size = max_batch_size  # concurrent sequences; from the scheduler
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.eos_id = self.eos_ids[0]  # the one a forced length emits
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.stats = decode.DecodeStats()
-        self.shared = dtype is None or dtype == next(model.parameters()).dtype
-        self.model = model if self.shared else _eval_copy(model, dtype)
+        # shared: generate with the trained module itself (same dtype; not when it will be sharded)
+        self.shared = not own_copy and (dtype is None or dtype == next(model.parameters()).dtype)
+        self.model = model if self.shared else _eval_copy(model, dtype or next(model.parameters()).dtype)
         self._decoder, reason = self._choose_decoder()
         if reason:
             log.warning("hf engine: decoding with model.generate (%s)", reason)

@@ -175,7 +175,7 @@ class VLLMEngine:
             self._asleep.discard("weights")
         with torch.no_grad():
             if self.in_process and self.tp == 1:  # same process: the tensors themselves
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(model.state_dict().items())})
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(_full_state(model).items())})
             else:
                 # Other processes read a file: calls into an engine-core process go through msgspec,
                 # which turns tensors in untyped kwargs into plain lists. One file for all engines.
@@ -276,6 +276,13 @@ class VLLMEngine:
                 for s, o in zip(sequences, outs)]
 
 
+def _full_state(model) -> dict:
+    """The model's state dict; an FSDP2 model's gathered in full on every rank (a collective)."""
+    from fastdash.fsdp import full_model_state
+
+    return full_model_state(model, rank0_only=False)
+
+
 class _WeightExporter:
     """The model's weights as safetensors (in /dev/shm when there is one) for engines in other
     processes; rewritten only when a parameter's version counter moved (an optimizer step), so H
@@ -293,7 +300,7 @@ class _WeightExporter:
         key = (id(model),) + tuple((p.data_ptr(), p._version) for p in model.parameters())
         if key != self._key:
             seen, tensors = set(), {}
-            for name, t in model.state_dict().items():  # safetensors refuses shared storage: copy ties
+            for name, t in _full_state(model).items():  # safetensors refuses shared storage: copy ties
                 t = t.detach().contiguous().cpu()
                 tensors[name] = t.clone() if t.data_ptr() in seen else t
                 seen.add(t.data_ptr())

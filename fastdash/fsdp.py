@@ -1,0 +1,165 @@
+"""`parallelism=fsdp`: FSDP2 (`fully_shard`) shards parameters, gradients and AdamW state over ranks.
+
+Each decoder layer is one FSDP unit and the model itself the root unit (embeddings, final norm, the
+tied or untied lm_head). Master weights stay fp32 shards; with a bf16 compute dtype FSDP all-gathers
+bf16 copies for compute and reduce-scatters gradients in fp32 (`MixedPrecisionPolicy`). Gradients are
+summed, not averaged (divide factor 1): every rank's loss is already its share of the global loss
+(the step's normaliser is summed over ranks first), as with `distributed.all_reduce_grads` for DDP.
+
+Two things FSDP2 needs that a plain module does not:
+- The fused loss reads the lm_head weight outside `forward`. The micro-batch's forward *and* its loss
+  therefore run inside one FSDP forward method (`head_forward`, registered with
+  `register_fsdp_forward_method`), so the root's parameters are gathered for the loss and their
+  gradients reduce-scattered after its backward.
+- Every forward all-gathers, so every rank must run the same number of them. Packing gives ranks
+  different micro-batch counts (or none, when the filter dropped all of a rank's samples):
+  `pad_count` is the most any rank has, and the others run dummy micro-batches whose loss is
+  multiplied by zero (their gradients add exactly zero).
+Checkpoints gather full state dicts (torch.distributed.checkpoint.state_dict), so an FSDP checkpoint
+has the same files as a one-process or DDP one and resumes at any world size or parallelism.
+"""
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from fastdash.forward import _decoder, forward_hidden
+
+
+def _fsdp():
+    from torch.distributed import fsdp
+
+    return fsdp
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, _fsdp().FSDPModule)
+
+
+def _head_forward(model, mb, fn, body_context):
+    """fn(the micro-batch's hidden states, lm_head weight) in one (FSDP) forward; the body runs under
+    body_context() (autocast), the loss outside it."""
+    with body_context():
+        hidden = forward_hidden(model, mb)
+    return fn(hidden, model.get_output_embeddings().weight)
+
+
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """fully_shard every decoder layer, then the model (in place; returns it). Build the optimizer after."""
+    fsdp = _fsdp()
+    mp = fsdp.MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                   reduce_dtype=torch.float32)
+    layers = getattr(_decoder(model), "layers", None)
+    if layers is None:
+        raise ValueError(f"parallelism=fsdp: {type(model).__name__} has no decoder `.layers` to shard; "
+                         "use parallelism=ddp")
+    for layer in layers:
+        fsdp.fully_shard(layer, mp_policy=mp)
+    fsdp.fully_shard(model, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, fsdp.FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # sum over ranks: the losses were normalised globally
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
+    model.fastdash_head_forward = types.MethodType(_head_forward, model)
+    fsdp.register_fsdp_forward_method(model, "fastdash_head_forward")
+    return model
+
+
+def head_forward(model: torch.nn.Module, mb, fn, body_context):
+    """fn(hidden [N, H], lm_head weight) for a micro-batch: through FSDP's hooks when sharded."""
+    method = getattr(model, "fastdash_head_forward", None)
+    return (method or types.MethodType(_head_forward, model))(mb, fn, body_context)
+
+
+def zero_loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A padding micro-batch's loss: the FSDP forward and backward collectives, a gradient of exactly 0."""
+    return (hidden.float().sum() + weight.float().sum()) * 0.0
+
+
+def pad_count(n: int) -> int:
+    """The most forward passes any rank has (each rank must run that many)."""
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Free gathered parameters (the root keeps its own after a no-grad forward)."""
+    for m in model.modules():
+        if isinstance(m, _fsdp().FSDPModule):
+            m.reshard()
+
+
+@contextmanager
+def gathered(model: torch.nn.Module):
+    """Full (compute-dtype) parameters in the module while inside (weight sync to an engine)."""
+    if not is_sharded(model):
+        yield model
+        return
+    units = [m for m in model.modules() if isinstance(m, _fsdp().FSDPModule)]
+    for m in units:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.reshard()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every rank calls it), else t."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: torch.nn.Module, rank0_only: bool = True) -> dict:
+    """The full fp32 state dict (collective when sharded): on rank 0 only (CPU) or on every rank."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=rank0_only))
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer's full state on rank 0 (keyed by parameter name when sharded)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_model_state(model, weights: dict) -> None:
+    if not is_sharded(model):
+        model.load_state_dict(weights, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, weights, options=_options(strict=False))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load a full optimizer state: the one-process format (integer keys, parameter order) or the
+    sharded one (parameter names), into a plain or a sharded model's optimizer."""
+    by_name = any(isinstance(p, str) for g in state["param_groups"] for p in g["params"])
+    if not is_sharded(model) and not by_name:
+        optimizer.load_state_dict(state)
+        return
+    if not by_name:  # integer ids are positions in the optimizer's parameter list
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        state = {"state": {names[i]: s for i, s in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
