@@ -83,8 +83,8 @@ def _record_current_logps(scripted_run, **overrides):
     trainer = Trainer(cfg, run)
     seen, real_mbs, real_loss = [], trainer._microbatches, trainer_mod.fused_policy_loss
 
-    def microbatches(samples, budget=None):
-        for mb, members in real_mbs(samples, budget):
+    def microbatches(samples, budget=None, **kw):
+        for mb, members in real_mbs(samples, budget, **kw):
             seen.append(members)
             yield mb, members
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastdash.fsdp as fsdp_mod
 import fastdash.trainer as trainer_mod
 from fastdash.trainer import Trainer
 from tests.conftest import sgd
@@ -79,7 +80,7 @@ def test_all_filtered_step_skips_forward_and_optimizer(scripted_run, monkeypatch
     cfg, run = scripted_run()
     run.reward_fn = lambda completion, answer, **_: 1.0  # every group has zero variance: all |A| = 0
     calls = []
-    monkeypatch.setattr(trainer_mod, "forward_hidden", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(fsdp_mod, "forward_hidden", lambda *a, **k: calls.append(1))  # every model call's body
     before = _weights(run.model)
     metrics = Trainer(cfg, run).step()
     assert calls == [] and metrics["skipped"] == 1 and metrics["filter/kept_fraction"] == 0.0
