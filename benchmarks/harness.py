@@ -69,7 +69,9 @@ SIZES: dict[str, dict] = {
 }
 # Seeds and steps per size (steps include 1 untimed warm-up), and the TRL arms it runs when trl imports:
 # only TRL's best CPU setting (no gradient checkpointing) where time is short.
-RUN_SHAPE = {"paper": dict(seeds=3, steps=2, trl=("trl_no_gc",)), "gpu": dict(seeds=1, steps=2, trl=()),
+# trl_seeds: the TRL arm runs on the first n seeds only (paper: ~100 s a step on 2 cores, 11x fastdash's:
+# one seed keeps the default suite near 15 minutes; its ratios are paired on the seeds it ran).
+RUN_SHAPE = {"paper": dict(seeds=3, steps=2, trl=("trl_no_gc",), trl_seeds=1), "gpu": dict(seeds=1, steps=2, trl=()),
              "learning": dict(seeds=3, steps=8, trl=tuple(TRL_ARMS)), "smoke": dict(seeds=1, steps=2, trl=())}
 
 
@@ -169,8 +171,10 @@ def _resolved(cfg: Config, run, trainer) -> dict:
 
 
 def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 2, warmup: int = 1,
-            evaluate: bool | None = None, factory=None, log_fn=print, after_seed=None) -> dict:
-    """Run every arm for `steps` optimizer steps per seed, steps interleaved across arms.
+            evaluate: bool | None = None, factory=None, log_fn=print, after_seed=None,
+            trl_seeds: int | None = None) -> dict:
+    """Run every arm for `steps` optimizer steps per seed, steps interleaved across arms (TRL's arms
+    only on the first `trl_seeds` seeds when given).
 
     The first `warmup` steps of each arm and seed train (and count for learning) but are not
     timed. `factory(arm, cfg, feed)` builds an ArmRun-like object (tests inject fakes);
@@ -183,7 +187,9 @@ def measure(arms=DEFAULT_ARMS, *, size: dict, seeds=(0, 1, 2), steps: int = 2, w
     evaluate = is_learning_task(size) if evaluate is None else evaluate
     factory = factory or (lambda arm, cfg, feed: ArmRun.build(cfg, feed))
     raw = {"steps": [], "evals": [], "setup": []}
-    for seed in seeds:
+    every = arms
+    for k, seed in enumerate(seeds):
+        arms = tuple(a for a in every if a not in TRL_ARMS or trl_seeds is None or k < trl_seeds)
         cfgs = {a: make_config(a, size, seed, max_steps=steps) for a in arms if a in ARMS}
         rows = rows_for(size, seed, steps * size["train_batch_size"] // size["num_generations"])
         runs = {}
@@ -242,7 +248,8 @@ def run_suite(size_name: str | None = None, *, seeds=None, steps: int | None = N
             report["outputs"] = {k: str(v) for k, v in write_outputs(report, out_dir).items()}
         return report
 
-    report = report_of(measure(arms, size=size, seeds=seeds, steps=steps, warmup=warmup, after_seed=report_of))
+    report = report_of(measure(arms, size=size, seeds=seeds, steps=steps, warmup=warmup, after_seed=report_of,
+                               trl_seeds=shape.get("trl_seeds")))
     print("\n" + format_table(report))
     return report
 

@@ -53,6 +53,10 @@ def _per_seed(raw: dict, arm: str, seed: int) -> dict:
             if any(r["reward"] is not None for r in allrows) else None}
 
 
+def _seeds_of(raw: dict, arm: str) -> list:
+    return sorted({r["seed"] for r in raw["steps"] if r["arm"] == arm})
+
+
 def _time(t: dict, what: str) -> float:
     return t["total_s"] if what == "total" else t["phases"][what]
 
@@ -60,8 +64,7 @@ def _time(t: dict, what: str) -> float:
 def summarise(raw: dict, arms=None) -> dict:
     """Per arm: per-seed totals over timed steps -> median [min, max]; ratios paired per seed."""
     arms = arms or list(dict.fromkeys(r["arm"] for r in raw["steps"]))
-    seeds = sorted({r["seed"] for r in raw["steps"]})
-    per = {a: {s: _per_seed(raw, a, s) for s in seeds} for a in arms}
+    per = {a: {s: _per_seed(raw, a, s) for s in _seeds_of(raw, a)} for a in arms}  # an arm may skip seeds (TRL)
     out = {}
     for a in arms:
         t = per[a]
@@ -83,10 +86,11 @@ def summarise(raw: dict, arms=None) -> dict:
                "resolved": next((r.get("resolved") for r in raw.get("setup", []) if r["arm"] == a), None)}
         arm["phases"]["other"] = max(0.0, arm["total_s"] - sum(arm["phases"].values()))
         if "grpo" in per:  # paired: each seed's arm vs the GRPO run interleaved with it
-            red = [100.0 * (1.0 - t[s]["total_s"] / per["grpo"][s]["total_s"]) for s in seeds]
+            red = [100.0 * (1.0 - t[s]["total_s"] / per["grpo"][s]["total_s"]) for s in t if s in per["grpo"]]
             arm["reduction_vs_grpo"], arm["reduction_vs_grpo_spread"] = statistics.median(red), _spread(red)
         if "fastdash" in per:  # paired too: how many times fastdash's time this arm takes
-            arm["x_fastdash_time"] = _spread([t[s]["total_s"] / per["fastdash"][s]["total_s"] for s in seeds])
+            arm["x_fastdash_time"] = _spread([t[s]["total_s"] / per["fastdash"][s]["total_s"]
+                                              for s in t if s in per["fastdash"]])
         learn = {"train_reward_mean": _mean_std([v["reward_mean"] for v in t.values()]),
                  "train_reward_last": _mean_std([v["reward_last"] for v in t.values()])}
         accs = [e["accuracy"] for e in raw.get("evals", []) if e["arm"] == a]
@@ -99,7 +103,6 @@ def summarise(raw: dict, arms=None) -> dict:
 
 def targets(raw: dict) -> dict:
     """Each goal's paired per-seed ratio (median [min, max]) where both arms ran, else why not."""
-    seeds = sorted({r["seed"] for r in raw["steps"]})
     arms = {r["arm"] for r in raw["steps"]}
     out = {}
     for name, (num, den, what, goal) in TARGETS.items():
@@ -107,7 +110,7 @@ def targets(raw: dict) -> dict:
             out[name] = {"goal": goal, "measured": None, "note": f"needs arms {num} and {den}"}
             continue
         ratios = []
-        for s in seeds:
+        for s in sorted(set(_seeds_of(raw, num)) & set(_seeds_of(raw, den))):  # seeds where both ran
             a, b = _time(_per_seed(raw, num, s), what), _time(_per_seed(raw, den, s), what)
             if b > 0:
                 ratios.append(a / b)
@@ -210,6 +213,10 @@ def write_outputs(report: dict, out_dir: Path) -> dict:
     paths = {"json": out_dir / f"{stem}.json", "png": out_dir / f"{stem}.png", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(report, indent=1, default=str))
     trl = report["trl"]["skipped"]
+    fewer = {a: len(v["timed_steps_per_seed"]) for a, v in report["arms"].items()
+             if len(v["timed_steps_per_seed"]) < len(cfg["seeds"])}
+    trl = trl or TRL_NOTE + "".join(f" {a} ran on the first {n} seed(s) only (its ratios are paired on those)."
+                                    for a, n in fewer.items())
     paths["md"].write_text(
         f"# End-to-end benchmark '{cfg['size_name']}', {report['device']} ({report['device_name']}), "
         f"{report['date']}\n\n"
@@ -221,7 +228,7 @@ def write_outputs(report: dict, out_dir: Path) -> dict:
         f"{json.dumps(report.get('heldout_accuracy_before'))}\n\n"
         f"Sizes: `{json.dumps(cfg['sizes'])}`\n\n{format_table(report)}\n\n"
         f"Resolved per arm: `{json.dumps({a: v.get('resolved') for a, v in report['arms'].items()})}`\n\n"
-        f"TRL: {trl or TRL_NOTE}\n")
+        f"TRL: {trl}\n")
     plot(report["arms"], paths["png"], f"{cfg['size_name']}: {cfg['sizes']['model']} on {report['device']}, "
                                        "time per arm by phase")
     return paths

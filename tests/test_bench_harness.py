@@ -168,6 +168,35 @@ def test_summary_pairs_ratios_per_seed_and_sums_timed_steps_only():
     assert report.targets({"steps": steps})["fastdash_vs_trl"]["measured"] is None
 
 
+def test_an_arm_on_fewer_seeds_is_summarised_and_paired_on_its_own():
+    """The TRL arm runs on the first seed only (RUN_SHAPE trl_seeds): its medians and its ratios to
+    fastdash come from that seed, never from zero-time seeds it did not run."""
+    steps = [_rec("fastdash", 0, 1, 2.0), _rec("trl_no_gc", 0, 1, 20.0), _rec("fastdash", 1, 1, 3.0)]
+    s = report.summarise({"steps": steps, "evals": [], "setup": []})
+    assert s["trl_no_gc"]["total_s"] == pytest.approx(20.0) and s["fastdash"]["total_s"] == pytest.approx(2.5)
+    x = s["trl_no_gc"]["x_fastdash_time"]
+    assert x["median"] == pytest.approx(10.0) and x["n"] == 1
+    t = report.targets({"steps": steps})["fastdash_vs_trl"]["measured"]
+    assert t["median"] == pytest.approx(10.0) and t["n"] == 1
+
+
+def test_trl_arm_runs_on_the_first_trl_seeds_only(monkeypatch):
+    built = []
+
+    def fake_trl(arm, size, seed, steps, rows):
+        built.append(seed)
+        return _fake_factory({arm: 0.001})(arm, harness.make_config("grpo", size, seed, max_steps=steps),
+                                           workload.PromptFeed(rows))
+
+    monkeypatch.setattr(harness, "TRLArm", fake_trl)
+    raw = harness.measure(("grpo", "trl_no_gc"), size=TINY, seeds=(0, 1, 2), steps=2, warmup=1, evaluate=False,
+                          factory=_fake_factory({"grpo": 0.001}), log_fn=lambda *_: None, trl_seeds=1)
+    assert built == [0]
+    assert {r["seed"] for r in raw["steps"] if r["arm"] == "grpo"} == {0, 1, 2}
+    assert {r["seed"] for r in raw["steps"] if r["arm"] == "trl_no_gc"} == {0}
+    assert harness.RUN_SHAPE["paper"]["trl_seeds"] == 1  # the default suite's TRL arm: one seed
+
+
 def test_outputs_are_written(tmp_path):
     raw = harness.measure(("grpo", "dash"), size=TINY, seeds=(0, 1), steps=2, warmup=1, evaluate=False,
                           factory=_fake_factory({"grpo": 0.002, "dash": 0.001}), log_fn=lambda *_: None)
