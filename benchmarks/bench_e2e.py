@@ -1,7 +1,7 @@
 """End-to-end benchmark under pytest-benchmark (harness.py measures, report.py summarises).
 
     pytest benchmarks/ --benchmark-only                      # paper-shaped size (gpu size on CUDA) + learning
-    pytest benchmarks/bench_e2e.py --benchmark-only -k paper     # the paper-shaped size only (~15 min, 2 cores)
+    pytest benchmarks/bench_e2e.py --benchmark-only -k paper     # the paper-shaped size only (~6 min, 2 cores)
     pytest benchmarks/bench_e2e.py --benchmark-only -k learning  # tiny-arith: accuracy after equal samples
     pytest benchmarks/bench_e2e.py --benchmark-only -k smoke     # seconds: the harness end to end
     FASTDASH_BENCH_SEEDS=1 FASTDASH_BENCH_STEPS=3 pytest ...     # other run shapes

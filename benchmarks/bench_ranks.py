@@ -72,7 +72,8 @@ def _port() -> int:
 
 def run_arm(arm: str, steps: int, tmp: Path) -> dict:
     world, port, out = ARMS[arm][0], _port(), tmp / f"{arm.replace(' ', '_')}.json"
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", arm, "--steps", str(steps), "--result", str(out)],
+    argv = [sys.executable, __file__, "--worker", arm, "--steps", str(steps), "--result", str(out)]
+    procs = [subprocess.Popen(argv,
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]

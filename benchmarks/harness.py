@@ -71,7 +71,8 @@ SIZES: dict[str, dict] = {
 # only TRL's best CPU setting (no gradient checkpointing) where time is short.
 # trl_seeds: the TRL arm runs on the first n seeds only (paper: ~100 s a step on 2 cores, 11x fastdash's:
 # one seed keeps the default suite near 15 minutes; its ratios are paired on the seeds it ran).
-RUN_SHAPE = {"paper": dict(seeds=3, steps=2, trl=("trl_no_gc",), trl_seeds=1), "gpu": dict(seeds=1, steps=2, trl=()),
+RUN_SHAPE = {"paper": dict(seeds=3, steps=2, trl=("trl_no_gc",), trl_seeds=1),
+             "gpu": dict(seeds=1, steps=2, trl=()),
              "learning": dict(seeds=3, steps=8, trl=tuple(TRL_ARMS)), "smoke": dict(seeds=1, steps=2, trl=())}
 
 

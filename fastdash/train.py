@@ -112,7 +112,8 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     run = build_run(cfg)
     if main:
         save_config(cfg, out / "config.yaml")
-        run.plan.log_and_save(str(out))  # memory_plan.json + the table (and any warning) in the log
+        if run.plan is not None:  # none when parallelism=auto found no room for a replica (FSDP then)
+            run.plan.log_and_save(str(out))  # memory_plan.json + the table (and any warning) in the log
     trainer = Trainer(cfg, run)
     resumed_from = resume_if_asked(cfg, run, trainer, out)
     metrics_log = MetricsLog(out / "metrics.jsonl", start_step=run.state.step) if main else distributed.NullLog()

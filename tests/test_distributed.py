@@ -188,6 +188,16 @@ def test_sigkill_resume_is_bit_identical_and_resumes_on_one_rank(tmp_path, paral
 
 
 @pytest.mark.slow
+def test_auto_shards_with_fsdp_when_no_replica_fits(tmp_path):
+    """parallelism=auto on 2 ranks: a memory budget no full replica fits in -> FSDP2, and the run trains."""
+    for rc, text in wait_all(launch(train_args(tmp_path, "max_steps=2", "memory_budget=1000")), timeout=600):
+        assert rc == 0, text[-3000:]
+        assert "a full replica per rank does not fit" in text and "parallelism=fsdp: fp32 weights" in text, \
+            text[-3000:]
+    assert (tmp_path / "checkpoint-2" / "COMPLETE").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_a_killed_rank_ends_the_survivor_naming_it(tmp_path, parallelism):
     import signal
