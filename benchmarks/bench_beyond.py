@@ -188,12 +188,9 @@ def write(report: dict, out_dir: Path) -> None:
 
 def test_beyond_dash(request, benchmark):
     """Selected only with `-k beyond` (about 15 minutes on 2 cores)."""
-    import pytest
+    import harness
 
-    if "beyond" not in (request.config.getoption("keyword") or ""):
-        pytest.skip("the beyond-DASH benchmark runs only when asked: pytest benchmarks/bench_beyond.py -k beyond")
-    report = benchmark.pedantic(run, rounds=1, iterations=1)
-    benchmark.extra_info.update(report["summary"])
+    harness.run_when_asked(request, benchmark, "beyond", run, "the beyond-DASH benchmark")
 
 
 if __name__ == "__main__":

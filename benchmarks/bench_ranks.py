@@ -131,12 +131,9 @@ def write(report: dict, out_dir: Path) -> None:
 
 def test_ranks(request, benchmark):
     """Selected only with `-k ranks` (about 5 minutes on 2 cores)."""
-    import pytest
+    import harness
 
-    if "ranks" not in (request.config.getoption("keyword") or ""):
-        pytest.skip("the trainer-ranks benchmark runs only when asked: pytest benchmarks/bench_ranks.py -k ranks")
-    report = benchmark.pedantic(run, rounds=1, iterations=1)
-    benchmark.extra_info.update(report["summary"])
+    harness.run_when_asked(request, benchmark, "ranks", run, "the trainer-ranks benchmark")
 
 
 if __name__ == "__main__":

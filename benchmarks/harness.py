@@ -76,6 +76,18 @@ RUN_SHAPE = {"paper": dict(seeds=3, steps=2, trl=("trl_no_gc",), trl_seeds=1),
              "learning": dict(seeds=3, steps=8, trl=tuple(TRL_ARMS)), "smoke": dict(seeds=1, steps=2, trl=())}
 
 
+def run_when_asked(request, benchmark, word: str, fn, what: str) -> dict:
+    """A long benchmark kept out of the default run: fn() once under pytest-benchmark when `-k` names
+    `word`, its report's summary in extra_info; otherwise a skip that says how to ask for it."""
+    import pytest
+
+    if word not in (request.config.getoption("keyword") or ""):
+        pytest.skip(f"{what} runs only when asked: pytest benchmarks/{request.path.name} -k {word}")
+    report = benchmark.pedantic(fn, rounds=1, iterations=1)
+    benchmark.extra_info.update(report["summary"])
+    return report
+
+
 def default_size(device: str) -> str:
     return "gpu" if device == "gpu" else "paper"
 

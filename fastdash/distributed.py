@@ -136,8 +136,8 @@ def rank_call_samples(cfg, world: int) -> int:
     return gen // world if gen >= train else min(gen, train // world)
 
 
-def placement(cfg, world: int, cuda_devices: int) -> str:
-    """--dry-run: what each rank does and where the engines live."""
+def placement(cfg, world: int, cuda_devices: int, n_params: int | None = None) -> str:
+    """--dry-run: what each rank does and where the engines live (n_params: the sharded share under FSDP)."""
     G, shape = cfg.num_generations, cfg.preemptive_sampling
     per_step, per_rollout = cfg.train_batch_size // world, shape.samples // world
     mode = resolve_parallelism(cfg, world)
@@ -147,6 +147,10 @@ def placement(cfg, world: int, cuda_devices: int) -> str:
     lines = [f"ranks: {world} ({mode}: {held})",
              f"per rank: {per_step} samples ({per_step // G} prompts x G={G}) of each step, {per_rollout} of each "
              f"rollout; engine calls of <= {rank_call_samples(cfg, world)} samples; the memory plan below is a rank's"]
+    if mode == "fsdp" and n_params:
+        lines.append(f"fsdp per rank: {16 * n_params / world / 2**30:.3f} GiB of fp32 weights, gradients and AdamW "
+                     f"state (1/{world} of {16 * n_params / 2**30:.3f} GiB; the plan's fixed part below is a full "
+                     "replica's) + one layer gathered at a time + the engine's full copy")
     if cfg.generation_gpus:
         trainers = cuda_devices - cfg.generation_gpus
         lines.append(f"placement: split; trainer ranks on GPUs 0..{trainers - 1}, vLLM engines on GPUs "

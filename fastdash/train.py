@@ -248,9 +248,9 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(distributed.placement(cfg, world, gpus))
         device, dtype = pick_device_and_dtype(cfg)
         model, _ = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        print(distributed.placement(cfg, world, gpus, sum(p.numel() for p in model.parameters())))
         print(build_plan(cfg, model.to(device), device).to_table())
         return 0
     out = make_output_dir(cfg)

@@ -87,6 +87,13 @@ def test_dry_run_prints_config_and_plan(capsys):
     assert '"num_generations": 4' in out and "max_tokens_per_microbatch" in out
 
 
+def test_dry_run_on_two_ranks_with_fsdp_prints_the_sharded_share(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; --dry-run joins no process group
+    assert main(["--dry-run", "model=random:tiny", "memory_budget=2000000000", "parallelism=fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "ranks: 2 (fsdp:" in out and "fsdp per rank:" in out and "1/2 of" in out and "memory plan" in out
+
+
 def test_a_choice_named_none_is_a_string_not_null():
     cfg = load_config(None, ["rollout_correction=none", "scale_rewards=none", "epsilon_high=none"])
     assert cfg.rollout_correction == "none" and cfg.scale_rewards == "none" and cfg.epsilon_high is None
