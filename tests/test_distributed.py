@@ -198,6 +198,28 @@ def test_auto_shards_with_fsdp_when_no_replica_fits(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_in_bf16_trains_like_one_process(tmp_path):
+    """The GPU path's precision on CPU: FSDP gathers bf16 weights (MixedPrecisionPolicy) where one process
+    autocasts fp32 masters; step 1 (same weights) gives the same rewards and kept samples, the loss to
+    bf16 rounding, and the engine's bf16 copy matches the trainer (the mismatch metric) in both."""
+    import json
+
+    extra = ("max_steps=2", "dtype=bfloat16", "beta=0.04", "save_steps=0")
+    for rc, text in wait_all(launch(train_args(tmp_path / "fsdp", *extra, "parallelism=fsdp")), timeout=600):
+        assert rc == 0, text[-3000:]
+    one = subprocess.run([sys.executable, *train_args(tmp_path / "one", *extra)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("fsdp", "one"))
+    for key in ("reward/mean", "filter/kept_samples", "tokens/loss"):
+        assert a[0][key] == b[0][key], key
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=2 ** -6, abs=1e-4)  # a few bf16 ulps
+    for m in (a, b):
+        assert all(r["mismatch/logp_abs_mean"] < 0.05 for r in m), [r.get("mismatch/logp_abs_mean") for r in m]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_a_killed_rank_ends_the_survivor_naming_it(tmp_path, parallelism):
     import signal
