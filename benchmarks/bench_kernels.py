@@ -27,6 +27,8 @@ QWEN_HEADS = {n: p["hidden_size"] for n, p in PRESETS.items() if n.startswith("q
 VARIANTS = {  # name -> (backend, extra fused_policy_loss kwargs)
     "triton": ("triton", {}),
     "triton-nondet": ("triton", {"deterministic": False}),
+    "triton-single": ("triton", {"single_pass": True}),  # the 6NHV single pass (triton_single.py)
+    "triton-recompute": ("triton", {"single_pass": False}),  # forward + recompute (8NHV)
     "triton-filter": ("triton", {"filter_eps": 2.0**-12}),
     "torch": ("torch", {}),
     "liger": ("liger", {}),
@@ -124,8 +126,10 @@ def _run_case(benchmark, variant, n, h, v, dtype, device, rounds):
         info["floor_ms_cublas"] = _cublas_floor_ms(n, h, v, dtype)
         info["x_cublas_floor"] = sec * 1e3 / info["floor_ms_cublas"]
         gpu = next((k for k in cost_model.GPUS if k in torch.cuda.get_device_name()), None)
-        model = {"triton": cost_model.new_triton(n, h, v), "triton-nondet": cost_model.new_triton(n, h, v),
-                 "torch": cost_model.torch_chunked(n, h, v)}.get(variant)
+        pick = cost_model.single_triton if cost_model.single_pass_pays(n, h, v) else cost_model.new_triton
+        model = {"triton": pick, "triton-nondet": pick, "triton-single": cost_model.single_triton,
+                 "triton-recompute": cost_model.new_triton, "torch": cost_model.torch_chunked}.get(variant)
+        model = model and model(n, h, v)
         if gpu and model:
             info["model_ms"] = model.time_ms(gpu)
     benchmark.extra_info.update(info)

@@ -102,6 +102,7 @@ def fused_policy_loss(
     hidden, weight, targets, cu_seqlens, advantages, *, token_weights, old_logps=None, ref_logps=None,
     pg_weights=None, epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0,
     return_entropy=False, backend="auto", grad_in_forward=None, deterministic=True, filter_eps=None,
+    single_pass=None,
 ) -> PolicyLossOutput:
     """PPO-clip policy loss (+ beta KL) on packed completion tokens, straight from hidden states.
 
@@ -119,7 +120,8 @@ def fused_policy_loss(
     grad_in_forward (default: on when grad is enabled and hidden or weight needs it, torch/triton
     backends): the loss is token-level, so dL/dlogp_t is known as soon as logp_t is; dX and dW are
     then computed in the forward and backward only scales them. deterministic, filter_eps: as in
-    `fused_linear_logprob`.
+    `fused_linear_logprob`. single_pass (triton, grad in forward): True = the 6NHV single pass
+    (kernels/triton_single.py), False = forward + recompute (8NHV), None = the cost model's pick.
     """
     _check_inputs(hidden, weight, targets, temperature)
     check_loss_args(token_weights, targets.shape[0], beta, ref_logps, kl_estimator, epsilon)
@@ -159,7 +161,8 @@ def fused_policy_loss(
                 (g,) = torch.autograd.grad(loss_c, lp)
             return loss_c.detach(), g
 
-        fwd_bwd = functools.partial(_impl(b).logprob_fwd_bwd, **opts)
+        fwd_bwd = functools.partial(_impl(b).logprob_fwd_bwd, **opts, **({"single_pass": single_pass}
+                                                                         if b == "triton" else {}))
         loss, logps, ent = _EagerLoss.apply(hidden, weight, fwd_bwd, targets, float(temperature),
                                             return_entropy, grad_fn)
         ent = ent if return_entropy else None

@@ -75,6 +75,25 @@ def new_triton(n, h, v, b=2, skip=0.0, tm=128, tv=128, bd=128, sms=132) -> Cost:
     return Cost("new: owned tiles" + (f", {skip:.0%} skipped" if skip else ""), flops, hbm, l2, 0, extra)
 
 
+def single_triton(n, h, v, b=2, tm=128, tv=128, bd=128) -> Cost:
+    """The single pass (triton_single.py): token chunks of C, fp32 logits stored by the forward and
+    turned into dZ in place, the owned-tile GEMMs; 6NHV, ~14 B of HBM traffic per logit (fp32 z written
+    and read, dZ written and read by both GEMMs), W streamed three times per chunk and the fp32 dW
+    read-modify-written per extra chunk."""
+    c = max(tm, SCRATCH_BYTES // (v * (4 + b)) // tm * tm)
+    chunks = math.ceil(n / c)
+    l2 = n * v * h * b * (1 / tm + 1 / tv) + 2 * n * v * h * b * (1 / bd + 1 / tv)
+    hbm = (4 + 4 + b + 2 * b) * n * v + chunks * 3 * b * v * h + (chunks - 1) * 8 * v * h + b * (n * h + v * h)
+    extra = min(c, n) * v * (4 + b) + (4 * v * h if chunks > 1 else 0)
+    return Cost("single pass (K = 1 / token-level)", 6 * n * h * v, hbm, l2, 0, extra)
+
+
+def single_pass_pays(n, h, v, b=2, gpu="H100") -> bool:
+    """The model's pick for the grad-in-forward path: the single pass when predicted faster than
+    forward + recompute (new_triton). Unmeasured on a GPU: bench_kernels prints both designs."""
+    return single_triton(n, h, v, b).time_ms(gpu) < new_triton(n, h, v, b).time_ms(gpu)
+
+
 def torch_chunked(n, h, v, b=2) -> Cost:
     """kernel=torch on CUDA: 6NHV in cuBLAS, fp32 [C, V] logits with ~50 B of elementwise traffic each
     (GEMM write, max / logsumexp / gather reads, three in-place passes, bf16 cast, two GEMM reads),
@@ -87,7 +106,7 @@ def torch_chunked(n, h, v, b=2) -> Cost:
 
 def designs(n, h, v):
     return [floor(n, h, v), old_triton(n, h, v), new_triton(n, h, v), new_triton(n, h, v, skip=0.9),
-            torch_chunked(n, h, v)]
+            single_triton(n, h, v), torch_chunked(n, h, v)]
 
 
 def table(shapes=((4096, 896), (16384, 896), (4096, 1536), (16384, 1536), (4096, 2048), (16384, 2048)),

@@ -99,12 +99,14 @@ def _dx_kernel(dz_ptr, w_ptr, flag_ptr, dx_ptr, v0, VC, N, V, H, stride_w, n_vt,
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@tuned(GEMM_CONFIGS, key=["V", "H", "SPLIT"], fixed={"BLOCK_D": 64, "num_warps": 4}, restore_value=["dw_ptr"])
+@tuned(GEMM_CONFIGS, key=["V", "H", "SPLIT", "ACCUM"], fixed={"BLOCK_D": 64, "num_warps": 4},
+       restore_value=["dw_ptr"])
 @triton.jit
 def _dw_kernel(dz_ptr, x_ptr, flag_ptr, dw_ptr, v0, VC, N, V, H, stride_x, n_vt, n_mt, part_stride,
                SPLIT: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-               BLOCK_D: tl.constexpr, PREC: tl.constexpr, CAST: tl.constexpr):
-    # MODE 0: owned tile, stored once; 1: fp32 atomic add (SPLIT > 1, non-deterministic);
+               BLOCK_D: tl.constexpr, PREC: tl.constexpr, CAST: tl.constexpr, ACCUM: tl.constexpr = False):
+    # MODE 0: owned tile, stored once (ACCUM: added to what it holds, the single pass's token chunks);
+    # 1: fp32 atomic add (SPLIT > 1, non-deterministic);
     # 2: this split's partial at dw_ptr + split * part_stride (summed in a fixed order by the caller).
     dt, vt, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # neighbours share a dZ column slab
     local = (vt * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -121,7 +123,10 @@ def _dw_kernel(dz_ptr, x_ptr, flag_ptr, dw_ptr, v0, VC, N, V, H, stride_x, n_vt,
             acc = tl.dot(tl.trans(dz), x, acc, input_precision=PREC)
     mask = cmask[:, None] & dmask[None, :]
     if MODE == 0:
-        tl.store(dw_ptr + (v0 + local)[:, None] * H + ds[None, :], acc.to(dw_ptr.dtype.element_ty), mask=mask)
+        out = dw_ptr + (v0 + local)[:, None] * H + ds[None, :]
+        if ACCUM:
+            acc += tl.load(out, mask=mask, other=0.0)
+        tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     elif MODE == 1:  # into the chunk's own zeroed fp32 buffer
         tl.atomic_add(dw_ptr + local[:, None] * H + ds[None, :], acc, mask=mask)
     else:

@@ -30,9 +30,9 @@ FWD_CONFIGS = [config(8, s, BLOCK_K=k) for k, s in ((64, 3), (64, 4), (128, 2), 
 
 @tuned(FWD_CONFIGS, key=["V", "H", "SPLITS"], fixed={"BLOCK_K": 64, "num_warps": 4})
 @triton.jit
-def _logprob_fwd_kernel(x_ptr, w_ptr, y_ptr, part_ptr, tmax_ptr, N, V, H, stride_x, stride_w, inv_t,
+def _logprob_fwd_kernel(x_ptr, w_ptr, y_ptr, part_ptr, tmax_ptr, z_ptr, N, V, H, stride_x, stride_w, stride_z, inv_t,
                         SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PREC: tl.constexpr, CAST: tl.constexpr, SAVE_TMAX: tl.constexpr):
+                        PREC: tl.constexpr, CAST: tl.constexpr, SAVE_TMAX: tl.constexpr, STORE_Z: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     rmask = rows < N
@@ -51,6 +51,8 @@ def _logprob_fwd_kernel(x_ptr, w_ptr, y_ptr, part_ptr, tmax_ptr, N, V, H, stride
         tile_max = tl.max(z, axis=1)
         if SAVE_TMAX:
             tl.store(tmax_ptr + tile * N + rows, tile_max, mask=rmask)
+        if STORE_Z:  # the single pass (triton_single.py) turns these fp32 logits into dZ in place
+            tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], z, mask=rmask[:, None] & cmask[None, :])
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)  # m = -inf on the first tile gives 0, not nan (m_new is finite)
         zs = z - m_new[:, None]  # -inf on padding columns
@@ -103,8 +105,9 @@ def _check(hidden, weight):
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
 
 
-def logprob_forward(hidden, weight, targets, temperature, want_entropy, save_tile_max=False):
-    """-> logps [N] fp32, lse [N] fp32, entropy [N] fp32 or None, tile max [V / TILE_V, N] or None."""
+def logprob_forward(hidden, weight, targets, temperature, want_entropy, save_tile_max=False, z_out=None):
+    """-> logps [N] fp32, lse [N] fp32, entropy [N] fp32 or None, tile max [V / TILE_V, N] or None.
+    z_out: an [>= N, >= V] fp32 buffer (row-contiguous) that receives the logits z / T."""
     _check(hidden, weight)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     n, h = hidden.shape
@@ -118,9 +121,11 @@ def logprob_forward(hidden, weight, targets, temperature, want_entropy, save_til
         else part
     kern = _logprob_fwd_kernel
     kern[(triton.cdiv(n, TILE_M), splits)](
-        hidden, weight, targets, part, tmax, n, v, h, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        hidden, weight, targets, part, tmax, part if z_out is None else z_out, n, v, h, hidden.stride(0),
+        weight.stride(0), 0 if z_out is None else z_out.stride(0), 1.0 / temperature,
         SPLITS=splits, BLOCK_M=TILE_M, BLOCK_V=TILE_V, PREC=prec(hidden.dtype),
-        CAST=INTERPRET and hidden.dtype != torch.float32, SAVE_TMAX=save_tile_max, **kern.fixed_meta,
+        CAST=INTERPRET and hidden.dtype != torch.float32, SAVE_TMAX=save_tile_max, STORE_Z=z_out is not None,
+        **kern.fixed_meta,
     )
     logps, lse, ent = _combine(part)
     return logps, lse, (ent if want_entropy else None), (tmax if save_tile_max else None)
@@ -155,10 +160,19 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, **op
     return logps, (ent if return_entropy else None)
 
 
-def logprob_fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_fn, **opts):
-    """Same contract as torch_backend.logprob_fwd_bwd. The tile kernels never hold a full row of
-    logits, so dZ is recomputed from the saved lse (8NHV; the one-pass 6NHV form is the chunked torch
-    backend's, at the price of a [C, V] buffer)."""
+def logprob_fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_fn, single_pass=None, **opts):
+    """Same contract as torch_backend.logprob_fwd_bwd. single_pass (None: the cost model's pick,
+    `cost_model.single_pass_pays`): the forward stores each token chunk's logits and turns them into
+    dZ (6NHV, triton_single.py); else dZ is recomputed from the saved lse (8NHV, no logits buffer)."""
+    if single_pass is None:
+        from .cost_model import single_pass_pays
+
+        single_pass = single_pass_pays(hidden.shape[0], hidden.shape[1], weight.shape[0], weight.element_size())
+    if single_pass:
+        from .triton_single import logprob_fwd_bwd_single
+
+        return logprob_fwd_bwd_single(hidden, weight, targets, temperature, return_entropy, grad_fn,
+                                      filter_eps=opts.get("filter_eps"))
     targets = targets.long().contiguous()
     filt = opts.get("filter_eps") is not None
     logps, lse, ent, tmax = logprob_forward(hidden, weight, targets, temperature, return_entropy, filt)

@@ -28,6 +28,7 @@ from triton.runtime.jit import MockTensor, create_function_from_signature
 from fastdash_kernels import triton_backward as B
 from fastdash_kernels import triton_logprob as F
 from fastdash_kernels import triton_segment as S
+from fastdash_kernels import triton_single as T
 
 TARGET = GPUTarget("cuda", 90, 32)
 N, V, H = 16384, 151936, 896
@@ -47,9 +48,18 @@ def cases(dtype=torch.bfloat16):
     blocks = dict(BLOCK_M=B.TILE_M, BLOCK_V=B.TILE_V, PREC=pr, CAST=False)
     x, w = _ptr(dtype), _ptr(dtype)
     splits = F.fwd_splits(N, V, torch.device("cuda")) if torch.cuda.is_available() else 3  # H100: 132 SMs
+    vpad = triton.cdiv(V, B.TILE_V) * B.TILE_V
+    c1 = T.chunk_tokens(N, V, dtype.itemsize)  # the single pass's token chunk
     out = [
-        ("fwd", F._logprob_fwd_kernel, (x, w, _ptr(i64), _ptr(f32), _ptr(f32), N, V, H, H, H, 1.0),
-         dict(SPLITS=splits, SAVE_TMAX=True, **blocks)),
+        ("fwd", F._logprob_fwd_kernel, (x, w, _ptr(i64), _ptr(f32), _ptr(f32), _ptr(f32), N, V, H, H, H, 0, 1.0),
+         dict(SPLITS=splits, SAVE_TMAX=True, STORE_Z=False, **blocks)),
+        ("fwd store z", F._logprob_fwd_kernel, (x, w, _ptr(i64), _ptr(f32), _ptr(f32), _ptr(f32), c1, V, H, H, H,
+                                                vpad, 1.0), dict(SPLITS=splits, SAVE_TMAX=False, STORE_Z=True, **blocks)),
+        ("dz from z", T._dz_from_z_kernel, (_ptr(f32), _ptr(i64), _ptr(f32), _ptr(f32), _ptr(dtype), _ptr(i8), c1, V,
+                                            vpad, 1.0, 2.0**-12), dict(FILTER=True, BLOCK_M=B.TILE_M, BLOCK_V=B.TILE_V)),
+        ("dw accumulate", B._dw_kernel, (_ptr(dtype), x, _ptr(i8), _ptr(f32), 0, vpad, c1, V, H, H,
+                                         triton.cdiv(V, B.TILE_V), triton.cdiv(c1, B.TILE_M), 0),
+         dict(SPLIT=1, MODE=0, ACCUM=True, **blocks)),
         ("dz", B._dz_kernel, (x, w, _ptr(i64), _ptr(f32), _ptr(f32), _ptr(f32), _ptr(dtype), _ptr(i8), vc, vc, N, V,
                               H, H, H, 1.0, 2.0**-12), dict(FILTER=True, **blocks)),
         ("dx", B._dx_kernel, (_ptr(dtype), w, _ptr(i8), _ptr(f32), vc, vc, N, V, H, H, n_vt), dict(ACCUM=True, **blocks)),
