@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "scripts")]
 BUDGET_S = 480
-TIMEOUT_S = {0: 90, 1: 240, 2: 150, 3: 120, 4: 90, 5: 120, 6: 120, 7: 180}
+TIMEOUT_S = {0: 90, 1: 240, 2: 150, 3: 150, 4: 90, 5: 120, 6: 120, 7: 180}
 DRY_TIMEOUT_S = 240
 NAMES = {0: "environment", 1: "pytest kernels + packing", 2: "kernel correctness (bf16 vs fp32)",
          3: "kernel speed", 4: "packed attention + forward_hidden", 5: "scheduler plan + OOM back-off",

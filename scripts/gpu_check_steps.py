@@ -129,9 +129,13 @@ def kernel_speed(size: dict) -> dict:
     import importlib.util
 
     d, dtype, V, rows = _dev(), size["dtype"], size["vocab"], []
-    backends = ["triton", "torch", "liger", "cce", "reference"] if d.type == "cuda" else ["torch", "reference"]
+    backends = ["triton", "triton-recompute", "torch", "liger", "cce", "reference"] if d.type == "cuda" \
+        else ["torch", "reference"]
     optional = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}  # baselines, where installed
     backends = [b for b in backends if b not in optional or importlib.util.find_spec(optional[b]) is not None]
+    # triton: the cost model's pick for this token-level loss (the 6NHV single pass at these shapes);
+    # triton-recompute: forward + recompute (8NHV), the other design, side by side
+    variant = {"triton-recompute": ("triton", {"single_pass": False})}
     for N, H in itertools.product(size["speed_n"], size["hidden_speed"]):
         x, w, y, cu, adv = _case([N // 4] * 4, H, V, False, dtype, seed=0)
         mm = _timed(lambda: x @ w.T, size["reps"])
@@ -142,9 +146,11 @@ def kernel_speed(size: dict) -> dict:
                 continue
             xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
 
+            backend, kw = variant.get(b, (b, {}))
+
             def step():
                 xg.grad = wg.grad = None
-                fused_policy_loss(xg, wg, y, cu, adv, token_weights=tw, backend=b).loss.backward()
+                fused_policy_loss(xg, wg, y, cu, adv, token_weights=tw, backend=backend, **kw).loss.backward()
 
             try:
                 if d.type == "cuda":
