@@ -96,7 +96,9 @@ def run(steps: int = 4, out_dir: Path = RESULTS) -> dict:
     base = summary[f"{arms[0]['arm']}/samples_per_s"]
     for a in arms[1:]:
         summary[f"{a['arm']}/vs_one_process"] = summary[f"{a['arm']}/samples_per_s"] / base
-    report = {"device": "cpu", "date": date.today().isoformat(), "cpu_count": os.cpu_count(),
+    from devices import cpu_name
+
+    report = {"device": "cpu", "cpu": cpu_name(), "date": date.today().isoformat(), "cpu_count": os.cpu_count(),
               "load_avg_1m": os.getloadavg()[0], "steps": steps, "arms": arms, "summary": summary}
     write(report, out_dir)
     return report
@@ -108,7 +110,8 @@ def write(report: dict, out_dir: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     s = report["summary"]
     lines = [f"# Trainer ranks on CPU, {report['device']}, {report['date']}", "",
-             f"{report['cpu_count']} CPU cores, load {report['load_avg_1m']:.1f} at the end. Paper-shaped workload "
+             f"{report['cpu_count']} CPU cores ({report.get('cpu', '?')}), load {report['load_avg_1m']:.1f} at the end. "
+             "Paper-shaped workload "
              f"(harness.py `paper`), fastdash arm, {report['steps']} steps per arm, the first untimed; arms one "
              "after the other.", "",
              "| arm | median step s | samples/s | vs 1 process |", "|---|---|---|---|"]
