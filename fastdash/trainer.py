@@ -308,9 +308,8 @@ class Trainer:
                                 device=self.run.device)
 
         mbs = make(samples)
-        if self.sharded and (model is None or model is self.model):
-            mbs += [(make([fallback])[0][0], [])] * (fsdp.pad_count(len(mbs)) - len(mbs))
-        return mbs
+        missing = fsdp.pad_count(len(mbs)) - len(mbs) if self.sharded and model in (None, self.model) else 0
+        return mbs + [(make([fallback])[0][0], [])] * missing if missing else mbs
 
     def _autocast(self):
         """Forward passes in the compute dtype over fp32 master weights (mixed precision)."""
