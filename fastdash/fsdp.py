@@ -20,6 +20,7 @@ has the same files as a one-process or DDP one and resumes at any world size or 
 """
 from __future__ import annotations
 
+import logging
 import types
 from contextlib import contextmanager
 
@@ -27,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 from fastdash.forward import _decoder, forward_hidden
+
+log = logging.getLogger("fastdash")
 
 
 def _fsdp():
@@ -65,6 +68,8 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module
             m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
     model.fastdash_head_forward = types.MethodType(_head_forward, model)
     fsdp.register_fsdp_forward_method(model, "fastdash_head_forward")
+    log.info("parallelism=fsdp: fp32 weights, gradients and AdamW state sharded over %d ranks (FSDP2)",
+             dist.get_world_size())
     return model
 
 

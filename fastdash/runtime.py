@@ -185,8 +185,6 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     train = _drop_long_prompts(cfg, tok, train, "train data")
     evals = _drop_long_prompts(cfg, tok, evals, "eval data")
     total = count_steps(cfg, len(train))
-    from fastdash.distributed import planned_world
-
     plan, mode = _plan_and_parallelism(cfg, model, device, with_plan)
     # bf16 compute (or a model to shard): the HF engine keeps its own full copy
     engine = make_engine(cfg, model, tok, plan, compute_dtype=dtype, own_copy=mode == "fsdp")
@@ -194,8 +192,6 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
         from fastdash.fsdp import shard
 
         shard(model, dtype)
-        log.info("parallelism=fsdp: fp32 weights, gradients and AdamW state sharded over %d ranks (FSDP2)",
-                 planned_world())
     optimizer, lr_scheduler = build_optimizer(cfg, model, total)
     reward_fn = get_reward_fn(cfg.reward or DEFAULT_REWARD[cfg.task])
     return Run(cfg=cfg, device=device, model=model, ref_model=ref_model, tokenizer=tok, engine=engine,
