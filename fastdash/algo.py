@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdash.distributed import sum_floats
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_EPS = 1e-4  # the paper's code: (r - mean) / (std + 1e-4)
@@ -145,8 +147,4 @@ def loss_token_weights(loss_type: str, completion_cu_seqlens: torch.Tensor, norm
 
 def global_sum(value: float) -> float:
     """Sum over data-parallel ranks (identity in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-    return float(value)
+    return sum_floats(value)[0]  # over the trainer ranks' group (split placement's engines do not train)

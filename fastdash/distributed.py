@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from datetime import timedelta
 
 import torch
@@ -36,6 +35,11 @@ from fastdash.heartbeat import HEARTBEAT_S, STALE_S, Watchdog
 log = logging.getLogger("fastdash")
 BUCKET_BYTES = 25 * 2**20
 _watchdog: "Watchdog | None" = None
+# split placement (`generation_gpus: K`): the first T = world - K ranks train, the last K only generate
+# (`fastdash.rollout.split`). Every trainer collective runs on the trainers' group; None = the whole world.
+_trainers = None
+_generators = None  # trainer rank 0 + the generation ranks: the weight broadcast's group
+_generation = 0  # how many ranks only generate
 
 
 # ---------------------------------------------------------------- who am I -------------------------
@@ -44,16 +48,45 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def active() -> bool:
+def joined() -> bool:
+    """This process is one rank of several (trainer or generation rank)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def active() -> bool:
+    """More than one trainer rank: the trainer's collectives have peers."""
+    return joined() and world_size() > 1
+
+
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """The global rank; trainer ranks come first, so for them it is also the rank among trainers."""
+    return dist.get_rank() if joined() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    """The number of trainer ranks (generation ranks of split placement do not count)."""
+    return dist.get_world_size(_trainers) if joined() and is_trainer() else 1
+
+
+def generation_ranks() -> list[int]:
+    """The ranks that only generate (split placement); [] when every rank trains."""
+    if not joined():
+        return []
+    world = dist.get_world_size()
+    return list(range(world - _generation, world))
+
+
+def is_trainer() -> bool:
+    return rank() not in generation_ranks()
+
+
+def trainer_group():
+    """The process group of the trainer ranks (None: the default group, every rank trains)."""
+    return _trainers
+
+
+def generator_group():
+    return _generators
 
 
 def is_main() -> bool:
@@ -103,9 +136,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def planned_world() -> int:
-    """The world size torchrun set (also before / without the process group: --dry-run)."""
-    return world_size() if active() else int(os.environ.get("WORLD_SIZE", "1"))
+def planned_world(cfg=None) -> int:
+    """The number of trainer ranks: torchrun's world size less cfg's generation ranks (also before /
+    without the process group: --dry-run)."""
+    if joined():
+        return world_size()
+    return int(os.environ.get("WORLD_SIZE", "1")) - (cfg.generation_gpus if cfg is not None else 0)
 
 
 class PeerFailure(RuntimeError):
@@ -152,12 +188,9 @@ def placement(cfg, world: int, cuda_devices: int, n_params: int | None = None) -
                      f"state (1/{world} of {16 * n_params / 2**30:.3f} GiB; the plan's fixed part below is a full "
                      "replica's) + one layer gathered at a time + the engine's full copy")
     if cfg.generation_gpus:
-        trainers = cuda_devices - cfg.generation_gpus
-        lines.append(f"placement: split; trainer ranks on GPUs 0..{trainers - 1}, vLLM engines on GPUs "
-                     f"{trainers}..{cuda_devices - 1}; weights broadcast over NCCL in buckets")
-    else:
-        where = "its own GPU (LOCAL_RANK)" if cuda_devices else "CPU"
-        lines.append(f"placement: colocated; every rank generates its share with its own engine on {where}")
+        from fastdash.rollout.split import describe
+
+        lines.append(describe(cfg, world, cuda_devices))
     return "\n".join(lines)
 
 
@@ -165,21 +198,15 @@ def placement(cfg, world: int, cuda_devices: int, n_params: int | None = None) -
 def check_world(cfg, world: int, cuda_devices: int) -> None:
     """Bad combinations fail at start, naming the key and the fix."""
     G, shape = cfg.num_generations, cfg.preemptive_sampling
-    if cfg.train_batch_size % (world * G):
-        raise ValueError(f"config: train_batch_size={cfg.train_batch_size}: must be a multiple of ranks x "
-                         f"num_generations = {world} x {G} (a group's samples stay on one rank); set it to "
-                         f"{max(1, cfg.train_batch_size // (world * G)) * world * G} or change --nproc_per_node")
     if cfg.generation_gpus:
-        if cuda_devices == 0:
-            raise ValueError(f"config: generation_gpus={cfg.generation_gpus}: split placement needs CUDA GPUs and "
-                             "none is visible; set generation_gpus=0 (colocated)")
-        if cfg.generation_gpus >= cuda_devices:
-            raise ValueError(f"config: generation_gpus={cfg.generation_gpus}: only {cuda_devices} GPU(s) visible "
-                             "and the trainer needs at least one; lower generation_gpus")
-        if cfg.engine == "hf":
-            raise ValueError("config: generation_gpus>0 puts vLLM engines on their own GPUs; set engine=vllm")
-        raise ValueError(f"config: generation_gpus={cfg.generation_gpus}: split placement is not built yet "
-                         "(only its weight broadcast is); set generation_gpus=0 (every rank generates its share)")
+        from fastdash.rollout.split import check_split
+
+        check_split(cfg, world, cuda_devices)
+    trainers = world - cfg.generation_gpus
+    if cfg.train_batch_size % (trainers * G):
+        raise ValueError(f"config: train_batch_size={cfg.train_batch_size}: must be a multiple of trainer ranks x "
+                         f"num_generations = {trainers} x {G} (a group's samples stay on one rank); set it to "
+                         f"{max(1, cfg.train_batch_size // (trainers * G)) * trainers * G} or change --nproc_per_node")
     if cfg.async_generation and world > 1:
         raise ValueError("config: async_generation runs one generation worker for one trainer process; "
                          "with several ranks set async_generation=false")
@@ -201,7 +228,7 @@ def setup(cfg) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     check_world(cfg, world, cuda)
-    if world == 1 or active():
+    if world == 1 or joined():
         return
     r = int(os.environ["RANK"])
     timeout = timedelta(seconds=cfg.dist_timeout_s)
@@ -213,15 +240,21 @@ def setup(cfg) -> None:
     if cuda:
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=r, world_size=world, timeout=timeout)
+    if cfg.generation_gpus:  # every rank creates every group, in the same order
+        global _trainers, _generators, _generation
+        _generation, trainers = cfg.generation_gpus, world - cfg.generation_gpus
+        _trainers = dist.new_group(list(range(trainers)))
+        _generators = dist.new_group([0, *range(trainers, world)])
     _watchdog = Watchdog(addr, port, r, world, cfg.dist_timeout_s, timeout)
     log.info("rank %d of %d joined (%s, collective timeout %ds)", r, world, backend, cfg.dist_timeout_s)
 
 
 def teardown() -> None:
-    global _watchdog
+    global _watchdog, _trainers, _generators, _generation
     if _watchdog is not None:
         _watchdog.stop()
         _watchdog = None
+    _trainers, _generators, _generation = None, None, 0
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -249,7 +282,7 @@ def sum_floats(*values: float) -> list[float]:
     if not active():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=_trainers)
     return t.tolist()
 
 
@@ -258,7 +291,7 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     if not active():
         return t
     parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t.contiguous())
+    dist.all_gather(parts, t.contiguous(), group=_trainers)
     return torch.cat(parts)
 
 
@@ -267,7 +300,7 @@ def gather_objects(obj) -> list | None:
     if not active():
         return [obj]
     out = [None] * world_size() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=_trainers)
     return out
 
 
@@ -275,7 +308,7 @@ def all_gather_objects(obj) -> list:
     if not active():
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_trainers)
     return out
 
 
@@ -283,13 +316,13 @@ def broadcast_object(obj, src: int = 0):
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_trainers)
     return box[0]
 
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        dist.barrier(group=_trainers)
 
 
 def main_first(fn):
@@ -331,7 +364,7 @@ def all_reduce_grads(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES) -
 
 def _reduce_bucket(grads: list[torch.Tensor]) -> None:
     flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=_trainers)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -361,40 +394,3 @@ def reduce_step_stats(stats: dict) -> dict:
             weight = sum(t for _, t in values)
             out[key] = sum(v * t for v, t in values) / weight if weight else 0.0
     return out
-
-
-def broadcast_weights(named: list[tuple[str, torch.Tensor]], src: int = 0, group=None,
-                      bucket_bytes: int = BUCKET_BYTES, timeout_s: float | None = None) -> dict:
-    """Trainer -> engines weight sync (split placement): broadcast `named` tensors from `src` in buckets
-    of flattened same-dtype tensors, each bucket's wait bounded by `timeout_s`. Every member of `group`
-    passes the same names, shapes and dtypes (receivers: their own tensors, overwritten in place).
-    Over NCCL on GPUs; gloo carries the same protocol on CPU. Logs and returns bytes and seconds."""
-    t0, sent, buckets = time.perf_counter(), 0, 0
-    timeout = timedelta(seconds=timeout_s) if timeout_s else None
-    pending: list[torch.Tensor] = []
-
-    def flush():
-        nonlocal sent, buckets
-        flat = torch.cat([t.reshape(-1) for t in pending])
-        work = dist.broadcast(flat, src=src, group=group, async_op=True)
-        if not work.wait(timeout) if timeout else not work.wait():
-            raise PeerFailure(f"weight broadcast bucket {buckets} did not finish within {timeout_s} s")
-        offset = 0
-        for t in pending:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        sent, buckets = sent + flat.numel() * flat.element_size(), buckets + 1
-        pending.clear()
-
-    size = 0
-    for _, t in named:
-        if pending and (t.dtype != pending[0].dtype or t.device != pending[0].device or size >= bucket_bytes):
-            flush()
-            size = 0
-        pending.append(t.detach())
-        size += t.numel() * t.element_size()
-    if pending:
-        flush()
-    seconds = time.perf_counter() - t0
-    log.info("weight sync: %d tensors, %.1f MiB in %d bucket(s), %.3f s", len(named), sent / 2**20, buckets, seconds)
-    return {"sync/bytes": sent, "sync/seconds": seconds, "sync/buckets": buckets}

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from fastdash.distributed import trainer_group
 from fastdash.forward import _decoder, forward_hidden
 
 log = logging.getLogger("fastdash")
@@ -59,9 +60,10 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module
     if layers is None:
         raise ValueError(f"parallelism=fsdp: {type(model).__name__} has no decoder `.layers` to shard; "
                          "use parallelism=ddp")
+    mesh = _trainer_mesh(next(model.parameters()).device.type)
     for layer in layers:
-        fsdp.fully_shard(layer, mp_policy=mp)
-    fsdp.fully_shard(model, mp_policy=mp)
+        fsdp.fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fsdp.fully_shard(model, mesh=mesh, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, fsdp.FSDPModule):
             m.set_gradient_divide_factor(1.0)  # sum over ranks: the losses were normalised globally
@@ -69,8 +71,16 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module
     model.fastdash_head_forward = types.MethodType(_head_forward, model)
     fsdp.register_fsdp_forward_method(model, "fastdash_head_forward")
     log.info("parallelism=fsdp: fp32 weights, gradients and AdamW state sharded over %d ranks (FSDP2)",
-             dist.get_world_size())
+             dist.get_world_size(trainer_group()))
     return model
+
+
+def _trainer_mesh(device_type: str):
+    """The trainer ranks' mesh (None: FSDP's default over the whole world, when every rank trains)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = trainer_group()
+    return None if group is None else DeviceMesh.from_group(group, device_type)
 
 
 def head_forward(model: torch.nn.Module, mb, fn, body_context):
@@ -87,7 +97,7 @@ def zero_loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def pad_count(n: int) -> int:
     """The most forward passes any rank has (each rank must run that many)."""
     t = torch.tensor([n], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=trainer_group())
     return int(t)
 
 

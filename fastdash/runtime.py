@@ -126,6 +126,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
 
 
 def _planned_engine(cfg: Config) -> str:
+    if cfg.generation_gpus:  # split placement: no engine on a trainer's device (the HF row is the smaller)
+        return "hf"
     if cfg.engine != "auto":
         return cfg.engine
     from fastdash.rollout.vllm import vllm_available
@@ -138,7 +140,7 @@ def build_plan(cfg: Config, model, device: torch.device):
     from fastdash.distributed import planned_world, rank_call_samples
     from fastdash.scheduler import plan_memory
 
-    world = planned_world()  # a rank plans for its share of each step and engine call
+    world = planned_world(cfg)  # a rank plans for its share of each step and engine call
 
     return plan_memory(
         model, max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
@@ -158,11 +160,11 @@ def _plan_and_parallelism(cfg: Config, model, device, with_plan: bool):
     try:
         plan = build_plan(cfg, model, device) if with_plan else None
     except MemoryPlanError as e:
-        if cfg.parallelism != "auto" or planned_world() == 1:
+        if cfg.parallelism != "auto" or planned_world(cfg) == 1:
             raise
         log.warning("parallelism=auto: a full replica per rank does not fit (%s); sharding with FSDP2", e)
         return None, "fsdp"
-    return plan, resolve_parallelism(cfg, planned_world())
+    return plan, resolve_parallelism(cfg, planned_world(cfg))
 
 
 def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
@@ -186,8 +188,12 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     evals = _drop_long_prompts(cfg, tok, evals, "eval data")
     total = count_steps(cfg, len(train))
     plan, mode = _plan_and_parallelism(cfg, model, device, with_plan)
-    # bf16 compute (or a model to shard): the HF engine keeps its own full copy
-    engine = make_engine(cfg, model, tok, plan, compute_dtype=dtype, own_copy=mode == "fsdp")
+    if cfg.generation_gpus:  # split placement: the engine lives on a generation rank
+        from fastdash.rollout.split import SplitEngine
+
+        engine = SplitEngine(cfg, model, dtype)
+    else:  # bf16 compute (or a model to shard): the HF engine keeps its own full copy
+        engine = make_engine(cfg, model, tok, plan, compute_dtype=dtype, own_copy=mode == "fsdp")
     if mode == "fsdp":  # after the engine's and the reference's full copies; before the optimizer
         from fastdash.fsdp import shard
 

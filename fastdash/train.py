@@ -82,9 +82,18 @@ def run_training(cfg: Config, out: Path) -> dict:
     distributed.setup(cfg)  # no-op for one process; torchrun's ranks join one group here
     previous = _install_stop_handlers(stop)
     try:
-        return _run_training(cfg, out, stop)
+        if not distributed.is_trainer():  # split placement: this rank only generates
+            from fastdash.rollout.split import serve
+
+            return serve(cfg)
+        result = _run_training(cfg, out, stop)
+        if cfg.generation_gpus:
+            from fastdash.rollout.split import finish
+
+            finish()  # the generation ranks stop; every rank waits for all (rank 0 may host the store)
+        return result
     except Exception as e:
-        if distributed.active():  # name the dead peer when a collective failed, leave our cause to the others
+        if distributed.joined():  # name the dead peer when a collective failed, leave our cause to the others
             distributed.record_failure(e)
             why = distributed.explain_failure(e) if distributed.collective_error(e) else None
             if why:
@@ -94,6 +103,10 @@ def run_training(cfg: Config, out: Path) -> dict:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if cfg.generation_gpus:
+            from fastdash.rollout.split import close_clients
+
+            close_clients()  # after a failure too (best effort)
         distributed.teardown()
 
 
@@ -243,6 +256,7 @@ def main(argv=None) -> int:
         import torch
 
         world, gpus = distributed.planned_world(), torch.cuda.device_count() if torch.cuda.is_available() else 0
+        trainers = distributed.planned_world(cfg)  # world less the generation ranks of split placement
         try:
             distributed.check_world(cfg, world, gpus)
         except ValueError as e:
@@ -250,7 +264,7 @@ def main(argv=None) -> int:
             return 2
         device, dtype = pick_device_and_dtype(cfg)
         model, _ = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation)
-        print(distributed.placement(cfg, world, gpus, sum(p.numel() for p in model.parameters())))
+        print(distributed.placement(cfg, trainers, gpus, sum(p.numel() for p in model.parameters())))
         print(build_plan(cfg, model.to(device), device).to_table())
         return 0
     out = make_output_dir(cfg)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ScriptedEngine, digit_sum_reward, sgd, tiny_config  # noqa: E402
 
 from fastdash import distributed, fsdp  # noqa: E402
+from fastdash.rollout.split import broadcast_weights  # noqa: E402
 
 # every loss type, filter on, beta 0 and > 0; then Multi (old log-probs), batch-std advantages, padding
 CASES = [dict(loss_type=lt, beta=beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo") for beta in (0.0, 0.04)]
@@ -69,7 +70,7 @@ def broadcast(out: Path) -> None:
     r = distributed.rank()
     named = [(f"w{i}", torch.full((1000 + i,), float(r * 10 + i))) for i in range(5)]
     named += [("b", torch.arange(7, dtype=torch.bfloat16) + r)]
-    stats = distributed.broadcast_weights(named, src=0, bucket_bytes=6000, timeout_s=30)
+    stats = broadcast_weights(named, src=0, bucket_bytes=6000, timeout_s=30)
     torch.save({"named": dict(named), "stats": stats}, out / f"broadcast-rank{r}.pt")
 
 

@@ -94,6 +94,15 @@ def test_dry_run_on_two_ranks_with_fsdp_prints_the_sharded_share(capsys, monkeyp
     assert "ranks: 2 (fsdp:" in out and "fsdp per rank:" in out and "1/2 of" in out and "memory plan" in out
 
 
+def test_dry_run_with_split_placement_prints_trainers_and_generation_ranks(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # 2 trainer ranks + 1 generation rank
+    assert main(["--dry-run", "model=random:tiny", "memory_budget=2000000000", "generation_gpus=1",
+                 "train_batch_size=16", "generation_batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "ranks: 2 (ddp:" in out and "per rank: 8 samples" in out, out[-2000:]
+    assert "placement: split; trainer ranks 0..1, generation ranks 2..2" in out and "over gloo" in out, out[-2000:]
+
+
 def test_a_choice_named_none_is_a_string_not_null():
     cfg = load_config(None, ["rollout_correction=none", "scale_rewards=none", "epsilon_high=none"])
     assert cfg.rollout_correction == "none" and cfg.scale_rewards == "none" and cfg.epsilon_high is None

@@ -221,19 +221,56 @@ def test_fsdp_in_bf16_trains_like_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_split_placement_trains_like_colocated_and_resumes(tmp_path, parallelism):
+    """generation_gpus=1 on 3 ranks (2 trainers served by one HF engine rank, weights broadcast after
+    every step) gives the colocated 2-rank run's weights bit for bit: the same engine calls and seeds,
+    only elsewhere. A split run resumed from its checkpoint-1 ends where the uninterrupted one did."""
+    import json
+    import shutil
+
+    extra = ("max_steps=2", f"parallelism={parallelism}")
+    split, colo, cut = tmp_path / "split", tmp_path / "colo", tmp_path / "cut"
+    for rc, text in wait_all(launch(train_args(split, *extra, "generation_gpus=1"), world=3), timeout=600):
+        assert rc == 0, text[-3000:]
+    assert "generation rank 2: engine=hf on cpu serves trainer rank(s) [0, 1]" in text, text[-3000:]
+    assert text.count("weight sync: ") == 3, text[-3000:]  # at start and after each of the 2 steps
+    for rc, text in wait_all(launch(train_args(colo, *extra)), timeout=600):
+        assert rc == 0, text[-3000:]
+    for step in (1, 2):
+        a, b = weights(split / f"checkpoint-{step}"), weights(colo / f"checkpoint-{step}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (split, colo)]
+    assert [r["reward/mean"] for r in rows[0]] == [r["reward/mean"] for r in rows[1]]
+    assert all(r["mismatch/logp_abs_mean"] < 1e-5 for r in rows[0])  # the engine holds the trainer's weights
+    shutil.copytree(split, cut)
+    shutil.rmtree(cut / "checkpoint-2")
+    for rc, text in wait_all(launch(train_args(cut, *extra, "generation_gpus=1", "resume=auto"), world=3),
+                             timeout=600):
+        assert rc == 0, text[-3000:]
+    a, b = weights(split / "checkpoint-2"), weights(cut / "checkpoint-2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp", "split"])
 def test_a_killed_rank_ends_the_survivor_naming_it(tmp_path, parallelism):
     import signal
     import time
 
-    procs = launch(train_args(tmp_path, "max_steps=400", "save_steps=0", "dist_timeout_s=20",
-                              f"parallelism={parallelism}"))
+    split = parallelism == "split"  # 2 trainers + 1 generation rank: the engine rank dies
+    mode = "generation_gpus=1" if split else f"parallelism={parallelism}"
+    procs = launch(train_args(tmp_path, "max_steps=400", "save_steps=0", "dist_timeout_s=20", mode),
+                   world=3 if split else 2)
     _wait_for(tmp_path / "metrics.jsonl", procs, timeout=600)
-    procs[1].send_signal(signal.SIGKILL)
+    dead = 2 if split else 1
+    procs[dead].send_signal(signal.SIGKILL)
     t0 = time.time()
     rc, text = wait_all(procs[:1], timeout=20 + 30)[0]
     took = time.time() - t0
     assert rc != 0 and took < 20 + 15, (rc, took, text[-2000:])
-    assert "rank 1 is gone" in text, text[-2000:]
+    assert f"rank {dead} is gone" in text, text[-2000:]
+    for p in procs[1:]:  # the other survivor ends too (no hang)
+        p.wait(timeout=60)
 
 
 # ---------------------------------------------------------------- refused at start ---------------
@@ -241,18 +278,22 @@ def test_bad_combinations_fail_at_start_naming_the_key():
     from fastdash import distributed
     from fastdash.config import Config
 
-    with pytest.raises(ValueError, match="train_batch_size=16: must be a multiple of ranks x num_generations = 3 x 4"):
+    with pytest.raises(ValueError, match="train_batch_size=16: must be a multiple of trainer ranks x num_generations = 3 x 4"):
         distributed.check_world(Config(train_batch_size=16, generation_batch_size=16), 3, 0)
     distributed.check_world(Config(parallelism="fsdp"), 2, 0)  # FSDP2 runs on CPU (gloo)
     assert distributed.resolve_parallelism(Config(parallelism="fsdp"), 1) == "ddp"  # nothing to shard alone
     assert distributed.resolve_parallelism(Config(parallelism="fsdp"), 2) == "fsdp"
     assert distributed.resolve_parallelism(Config(), 2) == "ddp"
-    with pytest.raises(ValueError, match="generation_gpus=1: split placement is not built"):
-        distributed.check_world(Config(generation_gpus=1, engine="vllm"), 2, 4)
-    with pytest.raises(ValueError, match="generation_gpus=1: split placement needs CUDA"):
-        distributed.check_world(Config(generation_gpus=1, engine="vllm"), 2, 0)
-    with pytest.raises(ValueError, match="generation_gpus=2: only 2 GPU"):
-        distributed.check_world(Config(generation_gpus=2, engine="vllm"), 1, 2)
+    distributed.check_world(Config(generation_gpus=1, engine="vllm"), 2, 4)  # split: 1 trainer + 1 engine
+    distributed.check_world(Config(generation_gpus=1), 3, 0)  # 2 trainers share an HF engine rank, on CPU
+    with pytest.raises(ValueError, match="generation_gpus=2: the world has 2 rank.* at least one must train"):
+        distributed.check_world(Config(generation_gpus=2, engine="vllm"), 2, 2)
+    with pytest.raises(ValueError, match="generation_gpus=2 is more than the 1 trainer rank"):
+        distributed.check_world(Config(generation_gpus=2, train_batch_size=16), 3, 0)
+    with pytest.raises(ValueError, match="multiple of trainer ranks x num_generations = 2 x 4"):
+        distributed.check_world(Config(generation_gpus=1, train_batch_size=12, generation_batch_size=12), 3, 0)
+    with pytest.raises(ValueError, match="every rank on its own GPU, but 4 ranks share this node's 2 GPU"):
+        distributed.check_world(Config(generation_gpus=1), 4, 2)
     with pytest.raises(ValueError, match="parallelism"):
         Config(parallelism="zero3")
     with pytest.raises(ValueError, match="dist_timeout_s"):
