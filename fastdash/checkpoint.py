@@ -14,6 +14,10 @@ checkpoint collectively: rank 0 writes the weights and states above plus `rank_s
 rank's RNG, token budget and rollout buffer (its shares of the step batches not yet trained on),
 gathered to it. The same world size resumes each rank exactly; another world size merges the
 buffers' step batches and re-splits them over the new ranks (and says so).
+
+`checkpoint_format=sharded` (the default under FSDP2) writes the weights and optimizer state with
+torch.distributed.checkpoint instead: every rank its own shards into `dcp/` (no full copy on any
+rank), loadable at any world size, sharded or not. The rest of the checkpoint is as above.
 """
 from __future__ import annotations
 
@@ -79,10 +83,16 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _write_atomically(final: Path, write) -> Path:
+def _begin(final: Path) -> Path:
+    """The hidden temporary directory a checkpoint is written into before its rename."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_atomically(final: Path, write, tmp: Path | None = None) -> Path:
+    tmp = tmp or _begin(final)
     write(tmp)
     for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
         if f.is_file():
@@ -120,14 +130,22 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
     step = run.state.step
     trainer.drain()  # async generation: in-flight rollouts become buffered step batches, saved below
     ranks = distributed.gather_objects({"rng": _rng_state(), "buffer": trainer.buffer, "budget": trainer.budget})
-    weights = fsdp.full_model_state(run.model)  # FSDP: gathered to rank 0 (collective), else the model's own
-    optimizer = fsdp.full_optimizer_state(run.model, run.optimizer)
+    final, tmp, weights, optimizer = out / f"checkpoint-{step}", None, None, None
+    if sharded(cfg, run):  # every rank writes its own shards into rank 0's temporary directory
+        tmp = Path(distributed.broadcast_object(str(_begin(final)) if distributed.is_main() else None))
+        fsdp.save_sharded(run.model, run.optimizer, tmp / fsdp.DCP_DIR)
+    else:
+        weights = fsdp.full_model_state(run.model)  # FSDP: gathered to rank 0 (collective), else the model's own
+        optimizer = fsdp.full_optimizer_state(run.model, run.optimizer)
     if not distributed.is_main():  # rank 0 writes; the others wait until the checkpoint is complete
         distributed.barrier()
-        return out / f"checkpoint-{step}"
+        return final
 
     def write(d: Path):
-        _save_pretrained(run.model, d, weights)
+        if weights is None:  # the weights and optimizer state are the DCP files
+            run.model.config.save_pretrained(d)
+        else:
+            _save_pretrained(run.model, d, weights)
         run.tokenizer.save_pretrained(d)
         save_config(cfg, d / "config.yaml")
         torch.save({"format": FORMAT, "optimizer": optimizer,
@@ -137,11 +155,16 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
         if len(ranks) > 1:
             torch.save(ranks, d / "rank_states.pt")
 
-    path = _write_atomically(out / f"checkpoint-{step}", write)
-    log.info("saved checkpoint %s", path)
+    path = _write_atomically(final, write, tmp)
+    log.info("saved checkpoint %s%s", path, " (sharded: torch.distributed.checkpoint)" if tmp else "")
     _prune(out, cfg.save_total_limit)
     distributed.barrier()
     return path
+
+
+def sharded(cfg, run) -> bool:
+    """`checkpoint_format`: DCP files (each rank its shards; auto = under FSDP) or full ones on rank 0."""
+    return cfg.checkpoint_format == "sharded" or cfg.checkpoint_format == "auto" and fsdp.is_sharded(run.model)
 
 
 def final_dtype(cfg, run) -> torch.dtype:
@@ -238,8 +261,11 @@ def resume_if_asked(cfg, run, trainer, out: Path) -> Path | None:
 
 
 def _read(path: Path) -> tuple[dict, dict]:
+    """trainer_state.pt and the weights: {name: tensor}, or {name: shape} of a sharded checkpoint."""
     try:
         blob = torch.load(path / "trainer_state.pt", weights_only=False)
+        if (path / fsdp.DCP_DIR).is_dir():  # sharded: the names and shapes are in its metadata
+            return blob, fsdp.sharded_shapes(path / fsdp.DCP_DIR)
         files = sorted(path.glob("*.safetensors"))  # one file, or shards of a large model
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {path}")
@@ -270,14 +296,20 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
     tied = getattr(run.model.config, "tie_word_embeddings", False)
     missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and tied)]
     unexpected = [k for k in weights if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in weights if k in own and weights[k].shape != own[k].shape]
+    shape = {k: tuple(getattr(v, "shape", v)) for k, v in weights.items()}
+    shapes = [f"{k}: checkpoint {shape[k]} vs model {tuple(own[k].shape)}"
+              for k in weights if k in own and shape[k] != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         raise ValueError(f"checkpoint {path} does not fit the model {cfg.model!r}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatches {shapes[:3]}")
-    fsdp.load_model_state(run.model, weights)
+    dcp = path / fsdp.DCP_DIR
+    if not dcp.is_dir():
+        fsdp.load_model_state(run.model, weights)
     try:
-        fsdp.load_optimizer_state(run.model, run.optimizer, blob["optimizer"])
+        if dcp.is_dir():  # weights and optimizer state, re-sharded to this run's ranks
+            fsdp.load_sharded(run.model, run.optimizer, dcp)
+        else:
+            fsdp.load_optimizer_state(run.model, run.optimizer, blob["optimizer"])
         run.lr_scheduler.load_state_dict(blob["lr_scheduler"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path}: optimizer state does not fit this model ({e}); "

@@ -129,6 +129,9 @@ class Config:
     output_dir: str | None = opt(None, "None = runs/<timestamp>")
     save_steps: int = opt(0, "0 = only the final checkpoint")
     save_total_limit: int | None = opt(2, "checkpoints kept (oldest pruned; None = all)")
+    checkpoint_format: str = opt(
+        "auto", "auto (sharded under parallelism=fsdp, else full) | full (safetensors + optimizer, gathered to "
+        "rank 0) | sharded (torch.distributed.checkpoint: every rank writes its shards)")
     resume: str | None = opt(None, "auto | a checkpoint path")
     logging_steps: int = opt(1, "write metrics every N optimizer steps")
     eval_steps: int = opt(50, "held-out eval every N steps (0 = only before and after training)")
@@ -139,7 +142,8 @@ class Config:
     # --- several ranks (torchrun; README "Several GPUs / torchrun") ---
     parallelism: str = opt(
         "auto", "auto | ddp (a full fp32 replica per rank) | fsdp (FSDP2: weights, grads, AdamW in shards)")
-    generation_gpus: int = opt(0, "split placement: vLLM engines on the last K GPUs (not built: refused; 0 = off)")
+    generation_gpus: int = opt(0, "split placement: the last K torchrun ranks only generate, each with its own "
+                                  "engine on its own GPU (CPU: process), the rest train; 0 = colocated")
     dist_timeout_s: int = opt(600, "collective timeout; a silent peer ends the run after this (> an eval's time)")
     plots: bool = opt(True, "write reward.png / time.png / accuracy plots at the end of the run")
     extra: dict = field(default_factory=dict, metadata={"help": "free-form, e.g. for user reward functions"})
@@ -181,6 +185,7 @@ class Config:
         choices = dict(loss_type=LOSS_TYPES, kl_estimator=KL_ESTIMATORS, kernel=KERNELS,
                        engine=ENGINES, task=TASKS, scale_rewards=SCALE_REWARDS,
                        lr_scheduler_type=("linear", "constant"), dtype=DTYPES, save_dtype=DTYPES,
+                       checkpoint_format=("auto", "full", "sharded"),
                        rollout_correction=CORRECTIONS, rollout_is_level=IS_LEVELS, old_logprobs=OLD_LOGPROBS)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

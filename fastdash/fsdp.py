@@ -178,3 +178,41 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+# ---------------------------------------------------------------- sharded (DCP) checkpoints --------
+DCP_DIR = "dcp"  # a checkpoint's sharded weights + optimizer state: torch.distributed.checkpoint files
+
+
+def _sharded_state(model, optimizer) -> dict:
+    """Each rank's own shards (DTensors) under FSDP; plain tensors for an unsharded model."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)
+    return {"model": weights, "optimizer": optim}
+
+
+def save_sharded(model, optimizer, path) -> None:
+    """Every trainer rank writes its own shards into `path` (collective; no full copy anywhere)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(path), process_group=trainer_group())
+
+
+def load_sharded(model, optimizer, path) -> None:
+    """Load a DCP checkpoint into a sharded or a plain model, at any world size (DCP re-shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path), process_group=trainer_group())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def sharded_shapes(path) -> dict[str, tuple[int, ...]]:
+    """The model tensors a DCP checkpoint holds: {name: full shape} (from its metadata alone)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k.removeprefix("model."): tuple(m.size) for k, m in meta.items()
+            if k.startswith("model.") and hasattr(m, "size")}

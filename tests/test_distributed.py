@@ -132,9 +132,21 @@ def train_args(out: Path, *extra: str) -> list[str]:
 
 
 def weights(ckpt: Path) -> dict:
-    from safetensors.torch import load_file
+    """A checkpoint's fp32 weights: model.safetensors, or its sharded (DCP) files converted with
+    torch's own tool (what a user runs: torch.distributed.checkpoint.format_utils), a tied head once."""
+    import json
+    import tempfile
 
-    return load_file(ckpt / "model.safetensors")
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (ckpt / "dcp").is_dir():
+        return load_file(ckpt / "model.safetensors")
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(ckpt / "dcp", Path(d) / "full.pt")
+        model = torch.load(Path(d) / "full.pt", weights_only=False)["model"]
+    tied = json.loads((ckpt / "config.json").read_text()).get("tie_word_embeddings", False)
+    return {k: v for k, v in model.items() if not (tied and k == "lm_head.weight")}
 
 
 def _wait_for(path: Path, procs, timeout: float) -> None:
@@ -159,6 +171,9 @@ def test_sigkill_resume_is_bit_identical_and_resumes_on_one_rank(tmp_path, paral
     for rc, text in wait_all(launch(train_args(full, *steps)), timeout=600):
         assert rc == 0, text[-3000:]
         assert parallelism != "fsdp" or "parallelism=fsdp: fp32 weights" in text, text[-3000:]
+    if parallelism == "fsdp":  # checkpoint_format=auto: DCP files, every rank wrote its own shards
+        assert len(list((full / "checkpoint-8" / "dcp").glob("*.distcp"))) == 2
+        assert not (full / "checkpoint-8" / "model.safetensors").exists()
     procs = launch(train_args(cut, *steps))
     _wait_for(cut / "checkpoint-2" / "COMPLETE", procs, timeout=600)
     for p in procs:

@@ -176,3 +176,19 @@ def test_checkpoint_directory_after_resume(runs):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
+
+
+def test_sharded_checkpoint_format_resumes_bit_for_bit(tmp_path):
+    """checkpoint_format=sharded (torch.distributed.checkpoint files) on one process: killed after
+    checkpoint-2, resumed, the final weights equal the uninterrupted run's bit for bit."""
+    ref_dir, out = tmp_path / "ref", tmp_path / "cut"
+    extra = ("checkpoint_format=sharded", "max_steps=4", "eval_steps=0")
+    ref = start(ref_dir, None, *extra)
+    finish(start(out, "generate:3", *extra), -signal.SIGKILL)
+    ckpt = out / "checkpoint-2"
+    assert complete(out) == ["checkpoint-2"] and (ckpt / "dcp" / ".metadata").exists()
+    assert not (ckpt / "model.safetensors").exists()
+    assert "resumed from" in finish(start(out, None, *extra, "resume=auto"), 0)
+    finish(ref, 0)
+    a, b = load_file(ref_dir / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
