@@ -241,7 +241,8 @@ class Server:
 
     @torch.no_grad()
     def _receive_weights(self, version: int) -> None:
-        named = [(n, p.data) for n, p in self.model.named_parameters()]
+        named = list(self.model.named_parameters())  # written in place: their version counters move (vLLM's
+        # exporter rewrites its file only when they did; `.data` would hide the write)
         broadcast_weights(named, src=0, group=distributed.generator_group(), timeout_s=self.cfg.dist_timeout_s)
         self.engine.sync_weights(self.model)
         self.version = version

@@ -159,8 +159,7 @@ class VLLMEngine:
         if path is not None and (path / "config.json").is_file():
             return path
         self._tmpdir = tempfile.TemporaryDirectory(prefix="fastdash-vllm-")
-        model.save_pretrained(self._tmpdir.name)
-        tokenizer.save_pretrained(self._tmpdir.name)
+        _save_model_dir(model, tokenizer, self._tmpdir.name)
         return self._tmpdir.name
 
     # ------------------------------------------------------------------ protocol -----------------
@@ -281,6 +280,21 @@ def _full_state(model) -> dict:
     from fastdash.fsdp import full_model_state
 
     return full_model_state(model, rank0_only=False)
+
+
+def _save_model_dir(model, tokenizer, path: str) -> None:
+    """config, generation config, weights and tokenizer in `path`, on whatever rank this is:
+    `save_pretrained` writes nothing on a rank other than 0 once torch.distributed is initialised
+    (transformers' should_save_on_this_rank), so rank 1's engine would find an empty directory."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(path)
 
 
 class _WeightExporter:
