@@ -27,6 +27,7 @@ from fastdash_kernels import BACKENDS as KERNELS
 from fastdash_kernels import KL_ESTIMATORS
 
 ENGINES = ("auto", "hf", "vllm")
+HF_DECODES = ("auto", "compact", "static", "generate")  # the HF engine's decode loop
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLELISMS = ("auto", "ddp", "fsdp")
 TASKS = ("arithmetic", "arithmetic_chat", "gsm8k", "math", "mbpp", "plain")
@@ -65,6 +66,8 @@ class Config:
     shuffle: bool = opt(True, "shuffle the training problems each epoch (seeded)")
     # --- rollout ---
     engine: str = opt("auto", "rollout engine: auto (vLLM when it imports, else HF) | hf | vllm")
+    hf_decode: str = opt(
+        "auto", "HF engine decode loop: auto (= compact) | compact | static (compiled, opt-in) | generate")
     num_generations: int = opt(4, "G, completions per prompt (the group of the group-relative advantage)")
     generation_batch_size: int = opt(
         256, "samples per engine call: = train_batch_size is DASH, = micro_batch_size baseline GRPO")
@@ -183,7 +186,7 @@ class Config:
             raise ValueError(f"config: {key}={getattr(self, key)!r}: {msg}")
 
         choices = dict(loss_type=LOSS_TYPES, kl_estimator=KL_ESTIMATORS, kernel=KERNELS,
-                       engine=ENGINES, task=TASKS, scale_rewards=SCALE_REWARDS,
+                       engine=ENGINES, hf_decode=HF_DECODES, task=TASKS, scale_rewards=SCALE_REWARDS,
                        lr_scheduler_type=("linear", "constant"), dtype=DTYPES, save_dtype=DTYPES,
                        checkpoint_format=("auto", "full", "sharded"),
                        rollout_correction=CORRECTIONS, rollout_is_level=IS_LEVELS, old_logprobs=OLD_LOGPROBS)

@@ -1,6 +1,6 @@
 """Validate every CUDA path of fastdash in one command (run through scripts/gpu_check.sh).
 
-    bash scripts/gpu_check.sh                 # on one H100/H200: steps 0-7 in ~8 minutes
+    bash scripts/gpu_check.sh                 # on one H100/H200: steps 0-8 in ~10 minutes
     bash scripts/gpu_check.sh --cpu-dry       # every step at tiny sizes on CPU (CI runs this)
     python scripts/gpu_check.py --steps 2,3   # a subset
 
@@ -14,6 +14,7 @@ Steps (each in its own process, under its own timeout; on GPU, steps not started
   5 the scheduler's plan, one micro-batch at the planned budget, twice the budget via the back-off
   6 the HF engine: 64 prompts x 4, forced lengths, up to 256 new tokens, tokens/s
   7 two training steps of random Qwen2.5-0.5B with kernel=triton, one with kernel=torch
+  8 the HF engine's static-shape decode (torch.compile per bucket, CUDA graphs) vs its compacting loop
 Writes checks.json, summary.md, pytest.txt and steps.log to benchmarks/results/gpu-<device>-<date>/
 (dry: a temp dir unless --out). Exit 0: all passed; 1: a correctness check failed or a step crashed;
 2: nothing failed but a step timed out or was skipped.
@@ -31,12 +32,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "scripts")]
-BUDGET_S = 480
-TIMEOUT_S = {0: 90, 1: 240, 2: 150, 3: 150, 4: 90, 5: 120, 6: 120, 7: 180}
+BUDGET_S = 540  # step 8 (last, its compiles up to TIMEOUT_S[8]) still starts after ~8 minutes of steps 0-7
+TIMEOUT_S = {0: 90, 1: 240, 2: 150, 3: 150, 4: 90, 5: 120, 6: 120, 7: 180, 8: 240}
 DRY_TIMEOUT_S = 240
 NAMES = {0: "environment", 1: "pytest kernels + packing", 2: "kernel correctness (bf16 vs fp32)",
          3: "kernel speed", 4: "packed attention + forward_hidden", 5: "scheduler plan + OOM back-off",
-         6: "HF engine throughput", 7: "training steps (triton vs torch)"}
+         6: "HF engine throughput", 7: "training steps (triton vs torch)", 8: "static decode vs compact"}
 
 
 def sizes(dry: bool) -> dict:
@@ -50,6 +51,7 @@ def sizes(dry: bool) -> dict:
                     preset="tiny", sample_shapes=[(4, 6), (3, 1), (5, 9)],
                     plan=dict(prompt=8, completion=24, samples=8, cpu_extra_budget=256 * 2**20),
                     engine=dict(preset="tiny", prompts=4, n=2, max_new=8, prompt_len=6, mean=4),
+                    static=dict(preset="tiny", prompts=2, n=3, max_new=8, prompt_len=6, mean=4, backend="eager"),
                     train=dict(model="random:tiny", kernels=("torch", "reference"), batch=8, micro=4, prompt=12,
                                completion=8, mean=4, budget=64))
     h = {name: PRESETS[f"qwen2.5-{name}"] for name in ("0.5b", "1.5b", "3b")}
@@ -62,6 +64,8 @@ def sizes(dry: bool) -> dict:
                 sample_shapes=[(40, 200), (100, 1), (16, 500), (200, 77)],
                 plan=dict(prompt=256, completion=2048, samples=256, cpu_extra_budget=None),
                 engine=dict(preset="qwen2.5-0.5b", prompts=64, n=4, max_new=256, prompt_len=128, mean=77),
+                # 8 rows: buckets 8, 4, 2, 1 = at most 4 inductor compiles of the 24-layer decode step
+                static=dict(preset="qwen2.5-0.5b", prompts=2, n=4, max_new=256, prompt_len=128, mean=77, backend=None),
                 train=dict(model="random:qwen2.5-0.5b", kernels=("triton", "torch"), batch=16, micro=8, prompt=64,
                            completion=128, mean=40, budget=2048))
 
@@ -147,7 +151,8 @@ def engine_step(size: dict) -> dict:
     d = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = random_model(e["preset"], vocab_size=size["model_vocab"], seed=0).to(d)
     tok = char_tokenizer()
-    cfg = load_config(None, dict(model=f"random:{e['preset']}", engine="hf", max_completion_length=e["max_new"]))
+    cfg = load_config(None, dict(model=f"random:{e['preset']}", engine="hf", hf_decode="compact",  # static: step 8
+                                 max_completion_length=e["max_new"]))
     engine = make_engine(cfg, model, tok)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, model.config.vocab_size, size=(e["prompts"], e["prompt_len"])).tolist()
@@ -216,7 +221,8 @@ def run_step(n: int, dry: bool, out_dir: Path) -> dict:
     size = sizes(dry)
     fns = {0: lambda: environment(size), 1: lambda: pytest_step(size, dry, out_dir),
            2: lambda: s.kernel_correctness(size), 3: lambda: s.kernel_speed(size), 4: lambda: s.packed_attention(size),
-           5: lambda: s.scheduler_plan(size), 6: lambda: engine_step(size), 7: lambda: training_step(size)}
+           5: lambda: s.scheduler_plan(size), 6: lambda: engine_step(size), 7: lambda: training_step(size),
+           8: lambda: s.static_decode(size)}
     return fns[n]()
 
 
@@ -290,13 +296,18 @@ def _key(r: dict) -> str:
                 f"{r['measured_over_predicted']:.2f}, 2x budget: backoffs {r['twice_budget']['backoffs']}")
     if n == 6:
         return f"{r['tokens_per_s']:.0f} tokens/s, {r['tokens']} tokens in {r['seconds']:.1f} s"
+    if n == 8:
+        c, st = r["compact"], r["static"]
+        return (f"static {st['tokens_per_s']:.0f} vs compact {c['tokens_per_s']:.0f} tokens/s "
+                f"({r['static_over_compact']:.2f}x), first call {st['first_call_s']:.0f} s, "
+                f"{st['graphs_first_call']} graphs for buckets {r['buckets_used']}")
     return f"losses {[s[0]['loss'] for s in r['steps'].values()]}, grad norms {[s[0]['grad_norm'] for s in r['steps'].values()]}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-dry", action="store_true", help="every step at tiny sizes on CPU")
-    ap.add_argument("--steps", default="0,1,2,3,4,5,6,7")
+    ap.add_argument("--steps", default="0,1,2,3,4,5,6,7,8")
     ap.add_argument("--out", default=None, help="output folder (default: benchmarks/results/gpu-<device>-<date>)")
     ap.add_argument("--run-step", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)

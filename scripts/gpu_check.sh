@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validate every CUDA path of fastdash on one H100/H200 in ~8 minutes (steps: scripts/gpu_check.py).
+# Validate every CUDA path of fastdash on one H100/H200 in ~10 minutes (steps: scripts/gpu_check.py).
 #
 #   bash scripts/gpu_check.sh              # results in benchmarks/results/gpu-<device>-<date>/
 #   bash scripts/gpu_check.sh --cpu-dry    # every step at tiny sizes on CPU

@@ -1,4 +1,5 @@
-"""Steps 2-5 of scripts/gpu_check.py: kernels, kernel speed, packed attention, the scheduler's plan.
+"""Steps 2-5 and 8 of scripts/gpu_check.py: kernels, kernel speed, packed attention, the scheduler's
+plan, static-shape decode.
 
 Each step is `fn(size) -> dict` with "ok" (True / False / None = nothing to judge) and its figures;
 `size` is gpu_check.SIZES["gpu" | "dry"]. Tolerances are derived from magnitudes: a bf16 result
@@ -295,3 +296,54 @@ def scheduler_plan(size: dict) -> dict:
             "predicted_peak_bytes": predicted, "measured_peak_bytes": int(measured),
             "measured_over_predicted": measured / predicted, "usable_bytes": plan.usable_bytes,
             "twice_budget": {"backoffs": backoffs, "crashed": crashed}, "plan": plan.to_dict(), "workload": w}
+
+
+# ------------------------------------------------------------------ step 8: static decode -------
+def static_decode(size: dict) -> dict:
+    """The HF engine's compacting loop vs its static-shape loop (torch.compile per bucket; on CUDA
+    inductor with CUDA graphs) on one forced-length workload: tokens/s of a second call, the first
+    call's seconds (compiles), graphs compiled vs buckets used. Judged: forced lengths honoured by
+    both, graphs <= buckets used, no compile in the second call. Reported: the share of completions
+    with the same tokens (the same uniforms, but bf16 logits of other kernels may flip a draw)."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    from fastdash.models import char_tokenizer, random_model
+    from fastdash.rollout.base import SamplingParams
+    from fastdash.rollout.hf import HFEngine
+    from fastdash.rollout.static_decode import bucket_for
+
+    w, d = size["static"], _dev()
+    model = random_model(w["preset"], vocab_size=size["model_vocab"], seed=0).to(d, size["dtype"])
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, model.config.vocab_size, size=(w["prompts"], w["prompt_len"])).tolist()
+    rows = w["prompts"] * w["n"]
+    forced = tuple(int(x) for x in np.clip(rng.gamma(2.0, w["mean"] / 2.0, size=rows).round(), 1, w["max_new"]))
+    params = SamplingParams(max_tokens=w["max_new"], seed=0, forced_lengths=forced)
+    live = [sum(m > k for m in forced) for k in range(1, max(forced))]  # one wave: rows <= max_batch_size
+    used = sorted({bucket_for(n, rows) for n in live})
+    res, outs = {}, {}
+    for name, kw in (("compact", {}), ("static", {"compile_backend": w["backend"]})):
+        engine = HFEngine(model, char_tokenizer(), decode_mode=name, **kw)
+        graphs0 = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        engine.generate(prompts, w["n"], params)  # static: compiles every bucket this workload uses
+        _sync()
+        first, graphs1 = time.perf_counter() - t0, counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        outs[name] = engine.generate(prompts, w["n"], params)
+        _sync()
+        sec = time.perf_counter() - t0
+        res[name] = {"first_call_s": first, "seconds": sec, "tokens_per_s": sum(forced) / sec,
+                     "graphs_first_call": graphs1 - graphs0,
+                     "graphs_second_call": counters["stats"]["unique_graphs"] - graphs1,
+                     "decode_row_steps": engine.stats.decode_row_steps // 2,
+                     "padded_row_steps": engine.stats.padded_row_steps // 2,
+                     "lengths_honoured": [len(c.completion_ids) for c in outs[name]] == list(forced)}
+    st = res["static"]
+    same = sum(a.completion_ids == b.completion_ids for a, b in zip(outs["compact"], outs["static"])) / rows
+    ok = (res["compact"]["lengths_honoured"] and st["lengths_honoured"] and st["graphs_first_call"] <= len(used)
+          and st["graphs_second_call"] == 0)
+    return {"ok": ok, "compact": res["compact"], "static": st, "buckets_used": used, "same_tokens_fraction": same,
+            "static_over_compact": st["tokens_per_s"] / res["compact"]["tokens_per_s"], "tokens": sum(forced),
+            "device": str(d), "dtype": str(size["dtype"]), "workload": w}

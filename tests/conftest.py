@@ -96,3 +96,27 @@ def assert_well_formed(out, prompts, n: int, eos_id: int, max_tokens: int) -> No
             assert len(c.completion_ids) == max_tokens and eos_id not in c.completion_ids
         else:
             assert c.completion_ids[-1] == eos_id and eos_id not in c.completion_ids[:-1]
+
+
+# ---------------------------------------------------------------- decode-loop tests' models ------
+@pytest.fixture(scope="module")
+def tok():
+    """The character tokenizer of the built-in task (test_decode, test_static_decode)."""
+    from fastdash.models import char_tokenizer
+
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def rand_model(tok):
+    from fastdash.models import random_model
+
+    return random_model("tiny", vocab_size=len(tok), seed=3)
+
+
+@pytest.fixture(scope="module")
+def arith():
+    """The shipped tiny model: its greedy answers end at EOS after different lengths (compaction)."""
+    from fastdash.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("tiny-arith")

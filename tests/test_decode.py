@@ -8,28 +8,11 @@ import copy
 import pytest
 import torch
 
-from fastdash.models import char_tokenizer, load_model_and_tokenizer, random_model
 from fastdash.rollout.base import SamplingParams
 from fastdash.rollout.decode import _inverse_cdf
 from fastdash.rollout.hf import HFEngine
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def rand_model(tok):
-    return random_model("tiny", vocab_size=len(tok), seed=3)
-
-
-@pytest.fixture(scope="module")
-def arith():
-    """The shipped tiny model: its greedy answers end at EOS after different lengths (compaction)."""
-    return load_model_and_tokenizer("tiny-arith")
 
 
 def _ids(tok, texts):

@@ -19,7 +19,7 @@ _spec.loader.exec_module(gpu_check)
 # 2, 5 and 7 take 10-15 s each on an idle 2-core machine (every kernel case, the planner's probes, three
 # training steps): marked slow, they still run in CI.
 @pytest.mark.parametrize("step", [pytest.param(2, marks=pytest.mark.slow), 3, 4, pytest.param(5, marks=pytest.mark.slow),
-                                  6, pytest.param(7, marks=pytest.mark.slow)])
+                                  6, pytest.param(7, marks=pytest.mark.slow), 8])
 def test_dry_step_runs_and_passes(step, tmp_path):
     res = gpu_check.run_step(step, True, tmp_path)
     json.dumps(res, default=str)  # what the child writes
@@ -30,6 +30,8 @@ def test_dry_step_runs_and_passes(step, tmp_path):
         assert all("ms" in r for r in res["rows"]), res["rows"]
     if step == 6:
         assert res["forced_lengths_honoured"]
+    if step == 8:
+        assert res["static"]["lengths_honoured"] and 0 < res["static"]["graphs_first_call"] <= len(res["buckets_used"])
 
 
 def test_ulp_matches_the_dtypes():
@@ -54,8 +56,8 @@ def test_cli_dry_run_writes_at_most_8_flat_files(tmp_path):
     files = list(tmp_path.iterdir())
     assert len(files) <= 8 and all(f.is_file() for f in files)
     checks = json.loads((tmp_path / "checks.json").read_text())
-    assert [s["step"] for s in checks["steps"]] == list(range(8)) and all(s["ok"] is not False for s in checks["steps"])
-    assert "| 7 |" in (tmp_path / "summary.md").read_text()
+    assert [s["step"] for s in checks["steps"]] == list(range(9)) and all(s["ok"] is not False for s in checks["steps"])
+    assert "| 8 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_fastdash_trains_a_random_preset_without_datasets_or_math_verify():

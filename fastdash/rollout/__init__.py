@@ -14,7 +14,8 @@ def make_engine(cfg, model, tokenizer, plan=None, compute_dtype=None, own_copy: 
 
     `compute_dtype`: the dtype to generate in when it differs from the model's (fp32 master weights,
     bf16 generation); the HF engine then keeps its own copy in that dtype and syncs into it.
-    `own_copy`: the HF engine copies the weights even in the same dtype (the model is to be sharded)."""
+    `own_copy`: the HF engine copies the weights even in the same dtype (the model is to be sharded).
+    `cfg.hf_decode` picks the HF engine's decode loop (HFEngine._choose_decoder)."""
     concurrency = getattr(plan, "generation_concurrency", None) if plan is not None else None
     if cfg.engine in ("auto", "vllm"):
         from fastdash.rollout.vllm import vllm_available  # never imports vllm itself
@@ -36,4 +37,5 @@ def make_engine(cfg, model, tokenizer, plan=None, compute_dtype=None, own_copy: 
         log.info("rollout engine: hf (vLLM not available: %s)", reason)
     else:
         log.info("rollout engine: hf")
-    return HFEngine(model, tokenizer, max_batch_size=concurrency, dtype=compute_dtype, own_copy=own_copy)
+    return HFEngine(model, tokenizer, max_batch_size=concurrency, dtype=compute_dtype, own_copy=own_copy,
+                    decode_mode=cfg.hf_decode)

@@ -51,6 +51,7 @@ class DecodeStats:
     prefill_rows: int = 0
     decode_steps: int = 0  # decode forwards
     decode_row_steps: int = 0  # rows fed to decode forwards (the cost that compaction cuts)
+    padded_row_steps: int = 0  # padding rows of static-shape decode forwards (static_decode; 0 here)
     tokens: int = 0  # tokens returned
 
 

@@ -1,9 +1,14 @@
 """The HF engine: the policy's own transformers model, decoded by the compacting loop of `decode`.
 
-Which decode implementation runs is decided here, in `HFEngine._decoder`, and nowhere else:
-- `decode.Decoder` (default): prefill, then one token per step for the live rows only, finished rows
+Which decode implementation runs is decided here, in `HFEngine._choose_decoder`, and nowhere else
+(`hf_decode` = auto | compact | static | generate; auto = compact where the model allows, else generate;
+static is opt-in until scripts/gpu_check.sh step 8 has run it on a GPU):
+- `decode.Decoder` (compact): prefill, then one token per step for the live rows only, finished rows
   dropped from the KV cache, waiting prompts admitted as rows leave (continuous batching), per-row
   seeds, sampler log-probs. A long-tailed batch costs the tokens it keeps.
+- `static_decode.StaticDecoder` (static): the same sampling and bookkeeping, decode forwards on static
+  shapes (rows padded to power-of-two buckets, a fixed-length KV buffer), compiled once per bucket
+  and on CUDA replayed as CUDA graphs; calls larger than `max_batch_size` decode in waves.
 - `model.generate` (fallback, for models whose cache layers are not plain `DynamicLayer`s: sliding
   window, linear attention): every row decodes until the longest ends; seeds are per call, not per row.
 - transformers' `generate_batch` (continuous batching over a paged cache) is not used. Measured on the
@@ -27,7 +32,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from fastdash.batch import Completion
-from fastdash.rollout import decode
+from fastdash.config import HF_DECODES
+from fastdash.rollout import decode, static_decode
 from fastdash.rollout.base import SamplingParams, eos_ids_of
 
 log = logging.getLogger("fastdash")
@@ -37,7 +43,9 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, *, max_batch_size: int | None = None, dtype: torch.dtype | None = None,
-                 own_copy: bool = False):
+                 own_copy: bool = False, decode_mode: str = "auto", compile_backend=None):
+        if decode_mode not in HF_DECODES:
+            raise ValueError(f"hf_decode={decode_mode!r}: must be one of {list(HF_DECODES)}")
         self.tok = tokenizer
         self.max_batch_size = max_batch_size  # concurrent sequences; from the scheduler
         self.eos_ids = eos_ids_of(model, tokenizer)
@@ -47,14 +55,24 @@ class HFEngine:
         # shared: generate with the trained module itself (same dtype; not when it will be sharded)
         self.shared = not own_copy and (dtype is None or dtype == next(model.parameters()).dtype)
         self.model = model if self.shared else _eval_copy(model, dtype or next(model.parameters()).dtype)
-        self._decoder, reason = self._choose_decoder()
+        self.compile_backend = compile_backend  # static: torch.compile's backend (None = inductor)
+        self.workspace = static_decode.Workspace()  # static: the KV buffers, kept between calls
+        self._decoder, reason = self._choose_decoder(decode_mode)
         if reason:
             log.warning("hf engine: decoding with model.generate (%s)", reason)
 
-    def _choose_decoder(self):
-        """The one place the decode implementation is chosen (see the module docstring)."""
-        reason = decode.supports(self.model)
-        return ("generate", reason) if reason else ("compact", None)
+    def _choose_decoder(self, mode: str):
+        """The one place the decode implementation is chosen (see the module docstring): (name, why
+        generate replaced the compacting loop, or None). An explicit mode the model cannot run fails."""
+        if mode == "generate":
+            return "generate", None
+        reason = static_decode.supports(self.model) if mode == "static" else decode.supports(self.model)
+        if reason and mode != "auto":
+            raise ValueError(f"hf_decode={mode}: this model cannot use it ({reason}); set hf_decode=auto")
+        if reason:
+            return "generate", reason
+        # auto stays compact on CUDA too: the compiled CUDA-graph path has not run on a GPU yet
+        return ("static" if mode == "static" else "compact"), None
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
         if n < 1:
@@ -76,15 +94,20 @@ class HFEngine:
 
     def _decode(self, rows: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
         """All rows of one call, at most `max_batch_size` at a time."""
-        if self._decoder == "compact":
-            results = decode.decode(self.model, rows, params, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                    max_batch_size=self.max_batch_size, seed=seed, stats=self.stats)
-            return [Completion(p, r.ids, r.truncated, sampler_logps=r.logps) for p, r in zip(rows, results)]
-        torch.manual_seed(seed)
-        step = self.max_batch_size or len(rows)
-        forced = params.forced_lengths
-        return [c for i in range(0, len(rows), step)
-                for c in self._generate_hf(rows[i:i + step], params, forced[i:i + step] if forced else None)]
+        if self._decoder == "generate":
+            torch.manual_seed(seed)
+            step = self.max_batch_size or len(rows)
+            forced = params.forced_lengths
+            return [c for i in range(0, len(rows), step)
+                    for c in self._generate_hf(rows[i:i + step], params, forced[i:i + step] if forced else None)]
+        kwargs = dict(eos_ids=self.eos_ids, pad_id=self.pad_id, max_batch_size=self.max_batch_size, seed=seed,
+                      stats=self.stats)
+        if self._decoder == "static":
+            results = static_decode.decode_static(self.model, rows, params, workspace=self.workspace,
+                                                  backend=self.compile_backend, **kwargs)
+        else:
+            results = decode.decode(self.model, rows, params, **kwargs)
+        return [Completion(p, r.ids, r.truncated, sampler_logps=r.logps) for p, r in zip(rows, results)]
 
     # ------------------------------------------------------------------ fallback: generate -------
     @torch.no_grad()
@@ -127,7 +150,7 @@ class HFEngine:
         _copy_into(self.model, model)
 
     def sleep(self) -> None:
-        pass
+        self.workspace.release()  # static decode's KV buffers (the compacting loop frees its own)
 
     def wake(self) -> None:
         pass

@@ -63,7 +63,7 @@ class GenerationPipeline:
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         spec = dict(model=cfg.model, attn_implementation=cfg.attn_implementation, seed=cfg.seed,
                     threads=cfg.async_engine_threads, compute_dtype=compute_dtype, device=str(device),
-                    concurrency=concurrency, parent=os.getpid())
+                    concurrency=concurrency, hf_decode=cfg.hf_decode, parent=os.getpid())
         self.worker = ctx.Process(target=_worker_main, args=(spec, self.slots, self.requests, self.results),
                                   name="fastdash-generation", daemon=True)
         self.worker.start()
@@ -173,7 +173,8 @@ def _build(spec: dict):
     model, tok = load_model_and_tokenizer(spec["model"], dtype=torch.float32,
                                           attn_implementation=spec["attn_implementation"], seed=spec["seed"])
     model = model.to(spec["device"]).eval().requires_grad_(False)
-    engine = HFEngine(model, tok, max_batch_size=spec["concurrency"], dtype=spec["compute_dtype"])
+    engine = HFEngine(model, tok, max_batch_size=spec["concurrency"], dtype=spec["compute_dtype"],
+                      decode_mode=spec["hf_decode"])
     return engine, model
 
 
