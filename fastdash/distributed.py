@@ -191,6 +191,9 @@ def placement(cfg, world: int, cuda_devices: int, n_params: int | None = None) -
         from fastdash.rollout.split import describe
 
         lines.append(describe(cfg, world, cuda_devices))
+    else:
+        where = "its own GPU (LOCAL_RANK)" if cuda_devices else "CPU"
+        lines.append(f"placement: colocated; every rank generates its share with its own engine on {where}")
     return "\n".join(lines)
 
 

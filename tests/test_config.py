@@ -92,6 +92,7 @@ def test_dry_run_on_two_ranks_with_fsdp_prints_the_sharded_share(capsys, monkeyp
     assert main(["--dry-run", "model=random:tiny", "memory_budget=2000000000", "parallelism=fsdp"]) == 0
     out = capsys.readouterr().out
     assert "ranks: 2 (fsdp:" in out and "fsdp per rank:" in out and "1/2 of" in out and "memory plan" in out
+    assert "placement: colocated; every rank generates its share with its own engine on CPU" in out
 
 
 def test_dry_run_with_split_placement_prints_trainers_and_generation_ranks(capsys, monkeypatch):
