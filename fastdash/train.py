@@ -284,5 +284,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def end_rank_process(rc: int) -> None:
+    """A rank of a multi-process run exits here, after its atexit handlers, without interpreter finalization.
+
+    Once DDP or FSDP has used it, PyTorch keeps the gloo / NCCL process group (and its worker threads)
+    alive past destroy_process_group; freeing it while the interpreter finalizes races the GIL's
+    teardown and can abort a rank that finished its work ("terminate called without an active
+    exception", SIGABRT: once in CI on 2026-12-02, FSDP resume test). The run's own cleanup has
+    already happened (teardown in run_training); the atexit handlers still run, here, while
+    everything is alive."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()  # what a normal exit runs first (logging's flush among them)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if distributed.planned_world() > 1:  # torchrun / a launcher's rank
+        end_rank_process(code)
+    raise SystemExit(code)

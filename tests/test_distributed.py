@@ -32,7 +32,8 @@ def launch(argv: list[str], world: int = 2, port: int | None = None, **popen) ->
     procs = []
     for r in range(world):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONFAULTHANDLER": "1"}  # a rank that aborts prints every thread's stack
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, **popen))
     return procs
@@ -264,6 +265,28 @@ def test_split_placement_trains_like_colocated_and_resumes(tmp_path, parallelism
         assert rc == 0, text[-3000:]
     a, b = weights(split / "checkpoint-2"), weights(cut / "checkpoint-2")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rank_process_ends_after_its_atexit_handlers_without_finalization():
+    """A rank's process skips interpreter finalization (where freeing the process group PyTorch keeps
+    alive after DDP / FSDP can abort it) but still runs its atexit handlers, flushes its output and
+    keeps its exit code; an object that lives to the end is never finalized."""
+    code = ("import atexit, sys\n"
+            "from fastdash.train import end_rank_process\n"
+            "class Held:\n"
+            "    def __del__(self):\n"
+            "        print('finalized', flush=True)\n"
+            "held = Held()\n"
+            "atexit.register(lambda: print('atexit ran', flush=True))\n"
+            "print('buffered', end='')\n"
+            "sys.stderr.write('to stderr')\n"
+            "end_rank_process(3)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stdout == "bufferedatexit ran\n" and p.stderr == "to stderr", (p.stdout, p.stderr)
+    normal = subprocess.run([sys.executable, "-c", code.replace("end_rank_process(3)", "sys.exit(3)")],
+                            capture_output=True, text=True, timeout=120)
+    assert "finalized" in normal.stdout  # what the rank's exit skips: the interpreter freeing what is left
 
 
 @pytest.mark.slow

@@ -205,13 +205,19 @@ def serve(cfg) -> dict:
     model = model.to(device).eval().requires_grad_(False)
     if cfg.gpu_memory_utilization == "auto":  # the GPU is the engine's alone
         cfg = replace(cfg, gpu_memory_utilization=DEDICATED_GPU_SHARE)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's own process group stays out of ours
+    # vLLM's engine core in a process of its own: in this one its torch.distributed setup would wait forever
+    # on ours. Forced, not defaulted: a "0" inherited from a parent that ran a colocated engine hung CI.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     engine = make_engine(cfg, model, tok)
     channel, clients = Channel(cfg.dist_timeout_s), [r for r in range(trainers) if _server_of(r) == me]
     for r in clients:
         channel.put(f"{PREFIX}/ready/{me}/{r}", (engine.name, engine.max_batch_size, _signature(model)))
     log.info("generation rank %d: engine=%s on %s serves trainer rank(s) %s", me, engine.name, device, clients)
-    Server(cfg, model, engine, channel, clients, trainers).run()
+    try:
+        Server(cfg, model, engine, channel, clients, trainers).run()
+    finally:
+        if hasattr(engine, "shutdown"):  # vLLM's engine core is a process of its own here
+            engine.shutdown()
     dist.barrier()  # as the trainers' `finish`
     return {}
 
