@@ -210,9 +210,10 @@ def check_world(cfg, world: int, cuda_devices: int) -> None:
         raise ValueError(f"config: train_batch_size={cfg.train_batch_size}: must be a multiple of trainer ranks x "
                          f"num_generations = {trainers} x {G} (a group's samples stay on one rank); set it to "
                          f"{max(1, cfg.train_batch_size // (trainers * G)) * trainers * G} or change --nproc_per_node")
-    if cfg.async_generation and world > 1:
-        raise ValueError("config: async_generation runs one generation worker for one trainer process; "
-                         "with several ranks set async_generation=false")
+    if cfg.async_generation and world > 1 and (cfg.generation_gpus or cfg.parallelism == "fsdp"):
+        raise ValueError(f"config: async_generation=true with {'generation_gpus' if cfg.generation_gpus else 'parallelism=fsdp'}"
+                         ": each trainer rank's worker holds a full copy of the policy (DDP replicas only); "
+                         "set async_generation=false")
     if shape.samples_per_call % G:
         raise ValueError(f"config: generation_batch_size={cfg.generation_batch_size}: must be a multiple of "
                          f"num_generations={G}")

@@ -188,6 +188,10 @@ def build_run(cfg: Config, *, with_plan: bool = True) -> Run:
     evals = _drop_long_prompts(cfg, tok, evals, "eval data")
     total = count_steps(cfg, len(train))
     plan, mode = _plan_and_parallelism(cfg, model, device, with_plan)
+    if mode == "fsdp" and cfg.async_generation:  # parallelism=auto found no room for a replica
+        raise ValueError("config: async_generation=true: each rank's generation worker holds a full copy of the "
+                         "policy, and no full replica fits here (parallelism=auto chose FSDP); set "
+                         "async_generation=false")
     if cfg.generation_gpus:  # split placement: the engine lives on a generation rank
         from fastdash.rollout.split import SplitEngine
 

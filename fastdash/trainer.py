@@ -99,14 +99,13 @@ class Trainer:
             from fastdash.rollout.pipeline import GenerationPipeline
 
             self.pipeline = GenerationPipeline.for_run(self.cfg, self.run)
-        G, shape = self.cfg.num_generations, self.cfg.preemptive_sampling
         last = min(self.state.step + self.cfg.max_staleness, self.run.total_steps - 1)  # none past the run's end
         while self.state.rollouts <= last:
-            problems = self.prompt_source(shape.samples // G)
-            calls = self.engine_calls([self.run.prompt_ids(p) for p in problems])
+            problems, ranges = self.rank_problems()  # with several ranks each worker generates its rank's share
+            calls = self.engine_calls([self.run.prompt_ids(p) for p in problems], ranges)
             with self.timer("sync"):
                 self.pipeline.submit(self.state.rollouts, self.state.step, problems,
-                                     [(prompts, G, params) for prompts, params in calls])
+                                     [(prompts, self.cfg.num_generations, params) for prompts, params in calls])
             self.state.rollouts += 1
 
     def drain(self) -> None:
@@ -131,9 +130,7 @@ class Trainer:
             problems, metrics["rollout/index"] = request.problems, request.index
         else:
             metrics["rollout/index"] = self.state.rollouts
-            problems = self.prompt_source(shape.samples // G)  # the global rollout's; this rank takes its share
-            ranges = distributed.step_shares(len(problems), shape.train_batch_size // G)
-            problems = [problems[i] for lo, hi in ranges for i in range(lo, hi)]
+            problems, ranges = self.rank_problems()
             completions = self.preemptive_sampling([self.run.prompt_ids(p) for p in problems], ranges)
             for c in completions:
                 c.policy_version = self.state.step
@@ -160,6 +157,13 @@ class Trainer:
         if self.pipeline is None:  # async counts a rollout when it is submitted
             self.state.rollouts += 1
         self.state.samples += n_samples
+
+    def rank_problems(self) -> tuple[list[dict], list[tuple[int, int]]]:
+        """The next rollout's problems this rank generates and trains, and their index ranges in it."""
+        G, shape = self.cfg.num_generations, self.cfg.preemptive_sampling
+        problems = self.prompt_source(shape.samples // G)  # the global rollout's; this rank takes its share
+        ranges = distributed.step_shares(len(problems), shape.train_batch_size // G)
+        return [problems[i] for lo, hi in ranges for i in range(lo, hi)], ranges
 
     def preemptive_sampling(self, prompt_ids: list[list[int]],
                             ranges: list[tuple[int, int]] | None = None) -> list[Completion]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,10 +94,52 @@ def test_bad_async_configs_name_the_key(overrides, key):
                                                    **overrides}.items()])
 
 
-def test_async_refuses_several_ranks():
-    cfg = Config(async_generation=True, rollout_correction="tis", train_batch_size=16, generation_batch_size=16)
-    with pytest.raises(ValueError, match="async_generation"):
+@pytest.mark.parametrize("extra", [dict(parallelism="fsdp"), dict(generation_gpus=1)])
+def test_async_refuses_sharded_and_split_ranks(extra):
+    cfg = Config(async_generation=True, rollout_correction="tis", train_batch_size=16, generation_batch_size=16,
+                 **extra)
+    with pytest.raises(ValueError, match="config: async_generation=true with"):
         check_world(cfg, 2, 0)
+    check_world(replace(cfg, parallelism="ddp", generation_gpus=0), 2, 0)  # DDP replicas: a worker each
+
+
+@pytest.mark.slow
+def test_async_generation_on_two_ranks(tmp_path):
+    """Each DDP rank's worker generates its rank's share of every rollout. max_staleness 0 is the
+    synchronous 2-rank run bit for bit; with 1, every rollout trains once, one step stale, and a SIGKILL
+    after checkpoint-2 resumes to the uninterrupted run's weights bit for bit."""
+    from tests.test_distributed import _wait_for, launch, train_args, wait_all
+
+    common = ("max_steps=4", "save_steps=2", "reward=tests.resume_rewards:digit_parity", "gradient_filtering=false")
+    one_step_off = ("async_generation=true", "max_staleness=1", "rollout_correction=tis")
+    runs = {"sync": (), "s0": ("async_generation=true", "max_staleness=0"), "s1": one_step_off}
+    for name, extra in runs.items():
+        for rc, text in wait_all(launch(train_args(tmp_path / name, *common, *extra)), timeout=600):
+            assert rc == 0, text[-3000:]
+    assert "async generation: worker pid" in text
+    cut = tmp_path / "cut"
+    procs = launch(train_args(cut, *common, *one_step_off))
+    _wait_for(cut / "checkpoint-2" / "COMPLETE", procs, timeout=600)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=60)
+    for rc, text in wait_all(launch(train_args(cut, *common, *one_step_off, "resume=auto")), timeout=600):
+        assert rc == 0, text[-3000:]
+    final = {d: load_file(tmp_path / d / "final" / "model.safetensors") for d in ("sync", "s0", "s1", "cut")}
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(final["s0"], final["sync"]) and same(final["cut"], final["s1"])
+    assert not same(final["s1"], final["sync"]), "the one-step-off run equals the synchronous one"
+    rows = {d: untimed(tmp_path / d, "metrics.jsonl") for d in runs}
+    maths = ("loss", "reward/mean", "rollout/samples", "filter/kept_fraction")
+    assert [[r[k] for k in maths] for r in rows["s0"]] == [[r[k] for k in maths] for r in rows["sync"]]
+    assert [r["policy/staleness"] for r in rows["s1"]] == [0, 1, 1, 1]
+    assert [r["rollout/index"] for r in rows["s1"]] == list(range(4))
+    assert all(r["rollout/samples"] == 16 for r in rows["s1"])  # both ranks' shares, every step
+    resumed = untimed(cut, "metrics.jsonl")
+    drop = {"async/worker_generate_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows["s1"]]
 
 
 ASYNC = ["async_generation=true", "max_staleness=1", "rollout_correction=tis"]

@@ -17,8 +17,9 @@ before it generates; at most S + 1 requests are unanswered and they hold version
 so the slot being written is never one a pending request still needs. The worker leaves when its
 parent dies (it polls), so a kill -9 of the trainer leaves no orphan generating forever.
 
-Out of scope (refused at start, naming the key): Multi / Mini (a rollout feeds one step here), several
-ranks, and vLLM in the worker. On CUDA the slots are host memory (a copy per push; CUDA IPC would
+With several (DDP) ranks each rank has a worker of its own, generating that rank's share of every
+rollout (`Trainer.rank_problems`). Out of scope (refused at start, naming the key): Multi / Mini (a
+rollout feeds one step here), FSDP and split placement, and vLLM in the worker. On CUDA the slots are host memory (a copy per push; CUDA IPC would
 avoid it).
 """
 from __future__ import annotations
