@@ -302,8 +302,13 @@ def end_rank_process(rc: int) -> None:
     os._exit(rc)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m fastdash.train` and the `fastdash-train` command."""
     code = main()
     if distributed.planned_world() > 1:  # torchrun / a launcher's rank
         end_rank_process(code)
     raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    cli()
