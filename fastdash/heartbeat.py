@@ -7,6 +7,7 @@ process when a peer has been silent longer than `dist_timeout_s` (a collective t
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import threading
@@ -23,6 +24,10 @@ class Watchdog:
     """Heartbeats through its own store client (a thread of its own; the trainer's may be blocked)."""
 
     def __init__(self, addr, port, r, world, limit_s, timeout):
+        try:  # a rank that aborts (SIGABRT, SIGSEGV) prints every thread's Python stack
+            faulthandler.is_enabled() or faulthandler.enable()
+        except (RuntimeError, ValueError, OSError):  # stderr without a file descriptor: no stacks, no failure
+            pass
         self.r, self.world, self.limit_s = r, world, limit_s
         self.store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
         self.unreachable_since: float | None = None
