@@ -324,8 +324,7 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
     trainer.budget = blob.get("budget", trainer.budget)
     _set_rng_state(blob["rng"])
     _restore_rank_state(cfg, trainer, path, blob)
-    with fsdp.gathered(run.model):
-        trainer.engine.sync_weights(run.model)  # an engine with its own copy (vLLM) built before the load
+    trainer.engine.sync_weights(run.model)  # an engine with its own copy (vLLM) built before the load
     log.info("resumed from %s at step %d", path, run.state.step)
 
 

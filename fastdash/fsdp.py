@@ -110,18 +110,42 @@ def reshard_all(model: torch.nn.Module) -> None:
 
 @contextmanager
 def gathered(model: torch.nn.Module):
-    """Full (compute-dtype) parameters in the module while inside (weight sync to an engine)."""
-    if not is_sharded(model):
+    """Full (compute-dtype) parameters in the module while inside (an engine's weight sync; nests)."""
+    if not is_sharded(model) or getattr(model, "_fastdash_gathered", 0):
         yield model
         return
     units = [m for m in model.modules() if isinstance(m, _fsdp().FSDPModule)]
     for m in units:
         m.unshard()
+    model._fastdash_gathered = 1
     try:
         yield model
     finally:
+        model._fastdash_gathered = 0
         for m in units:
             m.reshard()
+
+
+def full_parameters(model: torch.nn.Module):
+    """(name, full compute-dtype tensor) of every parameter, gathering one FSDP unit at a time, so a
+    sync never holds a second full copy (a collective: every rank iterates to the end, in this order).
+    A plain model, or one inside `gathered`, yields its own parameters."""
+    if not is_sharded(model) or getattr(model, "_fastdash_gathered", 0):
+        yield from model.named_parameters()
+        return
+    units = [(n, m) for n, m in model.named_modules() if isinstance(m, _fsdp().FSDPModule)]
+    owned = {n: [] for n, _ in units}  # a parameter belongs to the deepest unit above it
+    for name, _ in model.named_parameters():
+        owned[max((n for n, _ in units if n == "" or name.startswith(n + ".")), key=len)].append(name)
+    for n, unit in units:
+        if not owned[n]:
+            continue
+        unit.unshard()
+        try:
+            for name in owned[n]:
+                yield name, model.get_parameter(name)
+        finally:
+            unit.reshard()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -299,7 +299,7 @@ class Trainer:
         metrics.update(distributed.reduce_step_stats(stats))
         with self.timer("optimizer"):
             metrics.update(self._optimizer_step())
-        with self.timer("sync"), fsdp.gathered(self.model):
+        with self.timer("sync"):  # sharded (FSDP): a collective, the engine gathers what it needs
             self.engine.sync_weights(self.model)
         return metrics
 

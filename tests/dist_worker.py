@@ -3,6 +3,7 @@ torchrun sets them); tests/test_distributed.py compares the ranks' results with 
 
     python tests/dist_worker.py OUT_DIR            # writes OUT_DIR/case<i>-rank<r>.pt
     python tests/dist_worker.py OUT_DIR broadcast  # the split-placement weight broadcast
+    python tests/dist_worker.py OUT_DIR stream     # FSDP weights streamed one unit at a time
 """
 from __future__ import annotations
 
@@ -74,11 +75,32 @@ def broadcast(out: Path) -> None:
     torch.save({"named": dict(named), "stats": stats}, out / f"broadcast-rank{r}.pt")
 
 
+def stream(out: Path) -> None:
+    """fsdp.full_parameters over a sharded model: each parameter's full value, with at most one FSDP
+    unit gathered whenever it yields (a unit's parameters are DTensors while it is sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    from fastdash.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny-arith", dtype=torch.float32, seed=0)
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fsdp.shard(model, torch.float32)
+    gathered_at_yield, values = [], {}
+    for name, t in fsdp.full_parameters(model):
+        gathered_at_yield.append((name, [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]))
+        values[name] = t.detach().clone()
+    torch.save({"full": full, "values": values, "gathered": gathered_at_yield,
+                "sharded_after": all(isinstance(p, DTensor) for p in model.parameters())},
+               out / f"stream-rank{distributed.rank()}.pt")
+
+
 def main(out: Path, what: str) -> None:
     distributed.setup(config(**CASES[0]))
     try:
         if what == "broadcast":
             return broadcast(out)
+        if what == "stream":
+            return stream(out)
         for i, case in enumerate(CASES):
             torch.save(one_step(case), out / f"case{i}-rank{distributed.rank()}.pt")
     finally:

@@ -103,6 +103,25 @@ def test_weight_broadcast_in_buckets(tmp_path):
     assert a["stats"]["sync/bytes"] == b["stats"]["sync/bytes"] == total and a["stats"]["sync/buckets"] >= 3
 
 
+def test_fsdp_weights_stream_one_unit_at_a_time(tmp_path):
+    """An engine's sync from an FSDP model (fsdp.full_parameters): every parameter's full value on every
+    rank, and whenever a tensor is handed over only its own unit (one decoder layer, or the root's
+    embeddings / norm / head) is gathered: no second full copy of the weights."""
+    import re
+
+    for rc, text in wait_all(launch([str(HERE / "dist_worker.py"), str(tmp_path), "stream"]), timeout=120):
+        assert rc == 0, text[-3000:]
+    unit = lambda name: (re.match(r"model\.layers\.\d+\.", name) or [None])[0] or "root"  # noqa: E731
+    for r in range(2):
+        got = torch.load(tmp_path / f"stream-rank{r}.pt")
+        assert got["values"].keys() == got["full"].keys()
+        assert all(torch.equal(got["values"][k], got["full"][k]) for k in got["full"])
+        assert len({unit(n) for n in got["full"]}) >= 3  # the root and at least two layers
+        for name, gathered in got["gathered"]:
+            assert name in gathered and {unit(n) for n in gathered} == {unit(name)}, (name, gathered)
+        assert got["sharded_after"]
+
+
 def test_step_batches_merge_and_resplit():
     """A 2-rank buffer re-split for 1 rank (and back) keeps every sample, its kept flag and log-probs."""
     from fastdash.batch import Sample

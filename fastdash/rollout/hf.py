@@ -147,7 +147,9 @@ class HFEngine:
         if self.shared:  # a separate same-dtype module (e.g. a compiled wrapper)
             self.model.load_state_dict(model.state_dict())
             return
-        _copy_into(self.model, model)
+        from fastdash.fsdp import full_parameters
+
+        _copy_into(self.model, model, full_parameters(model))  # FSDP: one unit gathered at a time
 
     def sleep(self) -> None:
         self.workspace.release()  # static decode's KV buffers (the compacting loop frees its own)
@@ -171,16 +173,17 @@ def _names(module, kind: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _copy_into(dst, src) -> None:
-    """Copy `src`'s parameters and buffers into `dst`'s tensors in place (casting dtype)."""
+def _copy_into(dst, src, params=None) -> None:
+    """Copy `src`'s parameters (or the (name, tensor) pairs `params` yields) and buffers into `dst`'s
+    tensors in place (casting dtype)."""
     for kind in ("parameters", "buffers"):
         theirs, ours = _names(src, kind), _names(dst, kind)
         if theirs.keys() != ours.keys():
             missing = sorted(set(theirs) ^ set(ours))[:5]
             raise ValueError(f"sync_weights: the model's {kind} do not match the engine's copy ({missing}); "
                              "sync a model of the same architecture")
-        for name, t in ours.items():
-            t.copy_(theirs[name])
+        for name, t in (params if kind == "parameters" and params is not None else theirs.items()):
+            ours[name.replace("_orig_mod.", "")].copy_(t)
 
 
 class ForceLengths(LogitsProcessor):

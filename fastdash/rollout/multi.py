@@ -47,8 +47,11 @@ class RoundRobinEngine:
         return replace(params, forced_lengths=forced, seed=seed)
 
     def sync_weights(self, model) -> None:
-        for e in self.engines:
-            e.sync_weights(model)
+        from fastdash.fsdp import gathered
+
+        with gathered(model):  # FSDP: gathered once for every engine
+            for e in self.engines:
+                e.sync_weights(model)
 
     def sleep(self) -> None:
         for e in self.engines:

@@ -152,15 +152,18 @@ class SplitEngine:
         return payload
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Every trainer rank calls it (under `fsdp.gathered`); rank 0 sends. The others' next requests
+        """Every trainer rank calls it (FSDP: all gather); rank 0 sends. The others' next requests
         carry the new version, so their servers hold them until this sync has arrived."""
+        from fastdash.fsdp import gathered
+
         self.version += 1
-        if self.rank != 0:
-            return
-        for g in distributed.generation_ranks():
-            self.channel.enqueue(g, ("sync", self.version))
-        named = [(n, p.detach().to(self.dtype)) for n, p in model.named_parameters()]
-        broadcast_weights(named, src=0, group=distributed.generator_group(), timeout_s=self.cfg.dist_timeout_s)
+        with gathered(model):
+            if self.rank != 0:
+                return
+            for g in distributed.generation_ranks():
+                self.channel.enqueue(g, ("sync", self.version))
+            named = [(n, p.detach().to(self.dtype)) for n, p in model.named_parameters()]
+            broadcast_weights(named, src=0, group=distributed.generator_group(), timeout_s=self.cfg.dist_timeout_s)
 
     def sleep(self) -> None:  # the engines have devices of their own
         pass

@@ -172,7 +172,9 @@ class VLLMEngine:
         if "weights" in self._asleep:  # weights were offloaded by sleep(): bring them back, then overwrite
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
-        with torch.no_grad():
+        from fastdash.fsdp import gathered
+
+        with torch.no_grad(), gathered(model):  # FSDP: every rank's engine reads the full weights
             if self.in_process and self.tp == 1:  # same process: the tensors themselves
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(_full_state(model).items())})
             else:
