@@ -211,9 +211,9 @@ def check_world(cfg, world: int, cuda_devices: int) -> None:
                          f"num_generations = {trainers} x {G} (a group's samples stay on one rank); set it to "
                          f"{max(1, cfg.train_batch_size // (trainers * G)) * trainers * G} or change --nproc_per_node")
     if cfg.async_generation and world > 1 and (cfg.generation_gpus or cfg.parallelism == "fsdp"):
-        raise ValueError(f"config: async_generation=true with {'generation_gpus' if cfg.generation_gpus else 'parallelism=fsdp'}"
-                         ": each trainer rank's worker holds a full copy of the policy (DDP replicas only); "
-                         "set async_generation=false")
+        key = "generation_gpus" if cfg.generation_gpus else "parallelism=fsdp"
+        raise ValueError(f"config: async_generation=true with {key}: each trainer rank's worker holds a full copy "
+                         "of the policy (DDP replicas only); set async_generation=false")
     if shape.samples_per_call % G:
         raise ValueError(f"config: generation_batch_size={cfg.generation_batch_size}: must be a multiple of "
                          f"num_generations={G}")

@@ -19,8 +19,8 @@ parent dies (it polls), so a kill -9 of the trainer leaves no orphan generating 
 
 With several (DDP) ranks each rank has a worker of its own, generating that rank's share of every
 rollout (`Trainer.rank_problems`). Out of scope (refused at start, naming the key): Multi / Mini (a
-rollout feeds one step here), FSDP and split placement, and vLLM in the worker. On CUDA the slots are host memory (a copy per push; CUDA IPC would
-avoid it).
+rollout feeds one step here), FSDP and split placement, and vLLM in the worker. On CUDA the slots
+are host memory (a copy per push; CUDA IPC would avoid it).
 """
 from __future__ import annotations
 
