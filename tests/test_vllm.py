@@ -409,14 +409,20 @@ def test_speculative_config_reaches_vllm_and_an_unsupported_build_says_what_to_d
         VLLMEngine(_config(speculative=spec), model, tok)
 
 
-# ------------------------------------------------------------------ split placement --------------
+# ------------------------------------------------------------------ several ranks ----------------
 @needs_vllm
 @pytest.mark.slow
-def test_split_placement_with_vllm_gives_the_colocated_run(tmp_path, monkeypatch):
-    """generation_gpus=1 on 2 ranks: the trainer's calls run on a vLLM engine in rank 1 (its engine
-    core in its own process, so weights reach it through the file fallback after the broadcast).
-    Every step's metrics equal the one-process colocated vLLM run's, and the engine always holds the
-    trainer's weights (mismatch at fp32 rounding; a missed sync shows as ~0.3 at step 2)."""
+def test_two_ranks_with_vllm_split_or_colocated_give_the_one_process_run(tmp_path, monkeypatch):
+    """2 ranks, vLLM, against the one-process colocated vLLM run.
+    - generation_gpus=1: the trainer's calls run on a vLLM engine in rank 1 (its engine core in its own
+      process, so weights reach it through the file fallback after the broadcast): every step's
+      metrics equal the one-process run's.
+    - colocated, 2 DDP ranks, an in-process engine each (vLLM builds its groups inside our
+      torch.distributed world): the same samples and rewards, losses and gradient norms to fp32
+      reordering (two micro-batches instead of one), and a clean exit (the engines are shut down
+      before our teardown: after it, vLLM's exit handler raised on the groups already gone).
+    Every engine always holds the trainer's weights (mismatch at fp32 rounding; a missed sync shows
+    as ~0.3 at step 2)."""
     import json
     import subprocess
 
@@ -434,10 +440,18 @@ def test_split_placement_with_vllm_gives_the_colocated_run(tmp_path, monkeypatch
     for rc, text in wait_all(launch([*args, "generation_gpus=1", f"output_dir={tmp_path / 'split'}"]), timeout=300):
         assert rc == 0, text[-3000:]
     assert "generation rank 1: engine=vllm" in text, text[-3000:]
+    for rc, text in wait_all(launch([*args, f"output_dir={tmp_path / 'ddp'}"]), timeout=300):
+        assert rc == 0 and "Traceback" not in text, text[-3000:]
     one = subprocess.run([sys.executable, *args, f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True,
                          timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
-             for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("split", "one")]
-    assert rows[0] == rows[1]
-    assert all(r["mismatch/logp_abs_max"] < 1e-4 for r in rows[0]), [r.get("mismatch/logp_abs_max") for r in rows[0]]
+    assert one.returncode == 0 and "Traceback" not in one.stderr, one.stderr[-3000:]
+    split, ddp, ref = ([{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+                        for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                       for d in ("split", "ddp", "one"))
+    assert split == ref
+    numeric = ("loss", "grad_norm", "microbatches") + tuple(k for k in ref[0] if k.startswith("mismatch/"))
+    assert [{k: v for k, v in r.items() if k not in numeric} for r in ddp] == \
+        [{k: v for k, v in r.items() if k not in numeric} for r in ref]
+    for a, b in zip(ddp, ref):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * b["grad_norm"]
+    assert all(r["mismatch/logp_abs_max"] < 1e-4 for r in split + ddp), [r.get("mismatch/logp_abs_max") for r in ddp]

@@ -53,6 +53,11 @@ class RoundRobinEngine:
             for e in self.engines:
                 e.sync_weights(model)
 
+    def shutdown(self) -> None:
+        for e in self.engines:
+            if hasattr(e, "shutdown"):
+                e.shutdown()
+
     def sleep(self) -> None:
         for e in self.engines:
             e.sleep()
