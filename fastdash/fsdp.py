@@ -64,10 +64,9 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module
     for layer in layers:
         fsdp.fully_shard(layer, mesh=mesh, mp_policy=mp)
     fsdp.fully_shard(model, mesh=mesh, mp_policy=mp)
-    for m in model.modules():
-        if isinstance(m, fsdp.FSDPModule):
-            m.set_gradient_divide_factor(1.0)  # sum over ranks: the losses were normalised globally
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
+    for _, m in _units(model):
+        m.set_gradient_divide_factor(1.0)  # sum over ranks: the losses were normalised globally
+        m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
     model.fastdash_head_forward = types.MethodType(_head_forward, model)
     fsdp.register_fsdp_forward_method(model, "fastdash_head_forward")
     log.info("parallelism=fsdp: fp32 weights, gradients and AdamW state sharded over %d ranks (FSDP2)",
@@ -101,27 +100,36 @@ def pad_count(n: int) -> int:
     return int(t)
 
 
+def _units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The FSDP units (fully_shard modules) by name, the root ("") first."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _fsdp().FSDPModule)]
+
+
+def _whole(model: torch.nn.Module) -> bool:
+    """Every parameter already full: a plain model, or one inside `gathered`."""
+    return not is_sharded(model) or getattr(model, "_fastdash_gathered", False)
+
+
 def reshard_all(model: torch.nn.Module) -> None:
     """Free gathered parameters (the root keeps its own after a no-grad forward)."""
-    for m in model.modules():
-        if isinstance(m, _fsdp().FSDPModule):
-            m.reshard()
+    for _, m in _units(model):
+        m.reshard()
 
 
 @contextmanager
 def gathered(model: torch.nn.Module):
     """Full (compute-dtype) parameters in the module while inside (an engine's weight sync; nests)."""
-    if not is_sharded(model) or getattr(model, "_fastdash_gathered", 0):
+    if _whole(model):
         yield model
         return
-    units = [m for m in model.modules() if isinstance(m, _fsdp().FSDPModule)]
+    units = [m for _, m in _units(model)]
     for m in units:
         m.unshard()
-    model._fastdash_gathered = 1
+    model._fastdash_gathered = True
     try:
         yield model
     finally:
-        model._fastdash_gathered = 0
+        model._fastdash_gathered = False
         for m in units:
             m.reshard()
 
@@ -130,10 +138,10 @@ def full_parameters(model: torch.nn.Module):
     """(name, full compute-dtype tensor) of every parameter, gathering one FSDP unit at a time, so a
     sync never holds a second full copy (a collective: every rank iterates to the end, in this order).
     A plain model, or one inside `gathered`, yields its own parameters."""
-    if not is_sharded(model) or getattr(model, "_fastdash_gathered", 0):
+    if _whole(model):
         yield from model.named_parameters()
         return
-    units = [(n, m) for n, m in model.named_modules() if isinstance(m, _fsdp().FSDPModule)]
+    units = _units(model)
     owned = {n: [] for n, _ in units}  # a parameter belongs to the deepest unit above it
     for name, _ in model.named_parameters():
         owned[max((n for n, _ in units if n == "" or name.startswith(n + ".")), key=len)].append(name)
