@@ -116,6 +116,7 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     from fastdash.checkpoint import check_output_dir, resume_if_asked, save_checkpoint, save_final
     from fastdash.evaluate import evaluate, pass_keys
     from fastdash.metrics import PHASES, MetricsLog, plot_run
+    from fastdash.rollout.base import stop_engine
     from fastdash.runtime import build_run
     from fastdash.trainer import Trainer
 
@@ -204,8 +205,8 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     after = record_eval(run.state.step)
     eval_s += time.perf_counter() - t_eval
     save_final(cfg, run, trainer, out, checkpoint=saved_step != run.state.step)
-    if hasattr(run.engine, "shutdown"):  # now, not at exit: an in-process vLLM built its groups in our
-        run.engine.shutdown()            # torch.distributed world, and tears them down with it
+    stop_engine(run.engine)  # now, not at exit: an in-process vLLM built its groups in our
+    # torch.distributed world, and tears them down with it
     if not main:
         return {}
     totals = {f"time/{p}_s": sum(r.get(f"time/{p}_s", 0.0) for r in metrics_log.rows) for p in PHASES}

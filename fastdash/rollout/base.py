@@ -50,6 +50,14 @@ class Engine(Protocol):
         ...
 
 
+def stop_engine(engine) -> None:
+    """Stop an engine that owns processes or process groups (vLLM's `shutdown`, optional in the
+    protocol); an engine without one has nothing to stop."""
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def eos_ids_of(model, tokenizer) -> tuple[int, ...]:
     """Every id that ends a completion: the tokenizer's EOS first, then generation_config's (an int or
     a list: Qwen2.5-Instruct has two)."""

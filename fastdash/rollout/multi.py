@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from fastdash.batch import Completion
-from fastdash.rollout.base import SamplingParams
+from fastdash.rollout.base import SamplingParams, stop_engine
 
 
 class RoundRobinEngine:
@@ -55,8 +55,7 @@ class RoundRobinEngine:
 
     def shutdown(self) -> None:
         for e in self.engines:
-            if hasattr(e, "shutdown"):
-                e.shutdown()
+            stop_engine(e)
 
     def sleep(self) -> None:
         for e in self.engines:

@@ -195,6 +195,7 @@ def serve(cfg) -> dict:
     """A generation rank: build the engine, then answer its trainers until every one has stopped."""
     from fastdash.models import load_model_and_tokenizer
     from fastdash.rollout import make_engine
+    from fastdash.rollout.base import stop_engine
     from fastdash.runtime import pick_device_and_dtype, seed_everything
 
     if cfg.num_threads > 0:
@@ -219,8 +220,7 @@ def serve(cfg) -> dict:
     try:
         Server(cfg, model, engine, channel, clients, trainers).run()
     finally:
-        if hasattr(engine, "shutdown"):  # vLLM's engine core is a process of its own here
-            engine.shutdown()
+        stop_engine(engine)  # vLLM's engine core is a process of its own here
     dist.barrier()  # as the trainers' `finish`
     return {}
 
