@@ -70,6 +70,38 @@ def test_empty_dataset_file_says_what_to_fix(tmp_path):
                   with_plan=False)
 
 
+def test_broken_jsonl_line_names_file_and_line(tmp_path):
+    good = json.dumps({"prompt": "1+1=", "answer": "2"})
+    path = tmp_path / "broken.jsonl"
+    path.write_text(f"{good}\n{good}\n{{\"prompt\": \"2+2=\", \"answer\": \n{good}\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 3: not valid JSON.*one JSON object per line") as e:
+        build_run(tiny_config(task="plain", reward="arithmetic", dataset=str(path)), with_plan=False)
+    assert "DatasetGenerationError" not in str(e.value)
+    path.write_text(f"{good}\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"line 2: a JSON list, not an object"):
+        build_run(tiny_config(task="plain", reward="arithmetic", dataset=str(path)), with_plan=False)
+
+
+def test_unreadable_json_and_parquet_files_say_what_was_expected(tmp_path):
+    (tmp_path / "d.json").write_text('[{"prompt": "1+1=", "answer": "2"}, {"prompt": ')
+    with pytest.raises(ValueError, match=r"cannot read .*d.json' as json.*expected a JSON array"):
+        build_run(tiny_config(task="plain", reward="arithmetic", dataset=str(tmp_path / "d.json")), with_plan=False)
+    (tmp_path / "d.parquet").write_bytes(b"not a parquet file at all")
+    with pytest.raises(ValueError, match=r"cannot read .*d.parquet' as parquet.*expected a parquet table"):
+        build_run(tiny_config(task="plain", reward="arithmetic", dataset=str(tmp_path / "d.parquet")),
+                  with_plan=False)
+
+
+def test_columns_of_the_wrong_type_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": [1, 2, 3], "answer": ["1", "2", "3"]}), tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match=r"no usable rows.*3 prompt is int, not text.*expected columns: prompt, answer"):
+        build_run(tiny_config(task="plain", reward="arithmetic", dataset=str(tmp_path / "d.parquet")),
+                  with_plan=False)
+
+
 def test_prompts_longer_than_max_prompt_length(tmp_path, caplog):
     short, long = {"prompt": "1+1=", "answer": "2"}, {"prompt": "1+" * 20 + "1=", "answer": "21"}
     rows = [short, short, long] * 10

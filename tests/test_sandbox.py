@@ -252,11 +252,32 @@ def test_huge_output_capped():
 
 
 @needs_root
-def test_cannot_read_root_home():
-    res = run_sandboxed("import os\nprint(sorted(os.listdir('/root')))\n")
-    assert res.passed, res.output
-    listed = eval(res.output.strip())
-    assert set(listed) <= {".pyenv"}  # only the interpreter's directory is exposed
+def test_home_exposes_only_the_interpreter(tmp_path):
+    """From inside, the home directory holds nothing but the interpreter's own tree (pyenv, a venv under
+    ~/.cache, ...): a file of the user's beside it is not readable, wherever Python lives."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    canary = os.path.join(home, f".fastdash-canary-{uuid.uuid4().hex}")
+    with open(canary, "w") as f:
+        f.write("secret")
+    try:
+        interp = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                        os.path.dirname(sys.executable))})
+        code = (
+            "import os, sys\n"
+            f"home, interp = {home!r}, {interp!r}\n"
+            "seen = []\n"
+            "for d, dirs, files in os.walk(home):\n"
+            "    dirs[:] = [x for x in dirs if not any(os.path.join(d, x).startswith(p) for p in interp)]\n"
+            "    seen += [os.path.join(d, f) for f in files if not any(os.path.join(d, f).startswith(p) for p in interp)]\n"
+            f"print(repr((seen, os.path.exists({canary!r}))))\n"
+        )
+        res = run_sandboxed(code)
+        assert res.passed, res.output
+        outside_interpreter, canary_visible = eval(res.output.strip())
+        assert not canary_visible
+        assert outside_interpreter == []  # nothing of the user's, only the interpreter's tree
+    finally:
+        os.remove(canary)
 
 
 def test_batch_in_parallel():

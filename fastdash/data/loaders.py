@@ -15,6 +15,7 @@ from the local HF cache: nothing is downloaded here.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -54,6 +55,9 @@ def _text(row: dict, *columns: str) -> str:
         if isinstance(v, str) and v.strip():
             return v
     present = [c for c in columns if c in row]
+    wrong = [f"{c} is {type(row[c]).__name__}" for c in present if row[c] is not None and not isinstance(row[c], str)]
+    if wrong:
+        raise _Skip(f"{', '.join(wrong)}, not text")
     if present:
         raise _Skip(f"empty {'/'.join(columns)}")
     raise _Skip(f"missing column {'/'.join(columns)}")
@@ -169,8 +173,17 @@ def _load_dataset(source: str, split: str):
             raise ValueError(f"data: cannot read {source!r}: expected .jsonl, .json or .parquet")
         if os.path.getsize(path) == 0:
             raise ValueError(f"data: {source!r} is empty; it needs one row per problem")
+        if lower.endswith(".jsonl"):
+            _check_jsonl(path)
         # A single file is one split, whatever `split` says.
-        return datasets.load_dataset(builder, data_files=path, split="train")
+        try:
+            return datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # datasets wraps the parser's error in DatasetGenerationError
+            cause = e.__cause__ or e
+            expected = {"json": "a JSON array of row objects (or one object per line in a .jsonl file)",
+                        "parquet": "a parquet table with one row per problem"}[builder]
+            raise ValueError(f"data: cannot read {source!r} as {builder}: {type(cause).__name__}: "
+                             f"{str(cause)[:300]}; expected {expected}") from e
     if source.startswith((".", "/", "~")) or source.lower().endswith((".jsonl", ".json", ".parquet")):
         raise ValueError(f"data: {source!r} does not exist")
     try:
@@ -182,6 +195,24 @@ def _load_dataset(source: str, split: str):
             f"cache ({type(e).__name__}: {str(e)[:300]}). Nothing is downloaded here: pass a local "
             "path (a directory, .jsonl, .json or .parquet file) instead."
         ) from e
+
+
+def _check_jsonl(path: str) -> None:
+    """Name the first broken line of a .jsonl file: datasets' own error names neither file nor line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data: {path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); "
+                                 f"a .jsonl file needs one JSON object per line, e.g. "
+                                 f'{{"prompt": "...", "answer": "..."}}. The line starts: {line.strip()[:80]!r}'
+                                 ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"data: {path}, line {lineno}: a JSON {type(row).__name__}, not an object; "
+                                 f"a .jsonl file needs one JSON object (the row's columns) per line")
 
 
 def _fields(template: str) -> list[str]:

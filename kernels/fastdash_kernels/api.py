@@ -121,7 +121,7 @@ def fused_policy_loss(
     backends): the loss is token-level, so dL/dlogp_t is known as soon as logp_t is; dX and dW are
     then computed in the forward and backward only scales them. deterministic, filter_eps: as in
     `fused_linear_logprob`. single_pass (triton, grad in forward): True = the 6NHV single pass
-    (kernels/triton_single.py), False = forward + recompute (8NHV), None = the cost model's pick.
+    (kernels/fastdash_kernels/triton_single.py), False = forward + recompute (8NHV), None = the cost model's pick.
     """
     _check_inputs(hidden, weight, targets, temperature)
     check_loss_args(token_weights, targets.shape[0], beta, ref_logps, kl_estimator, epsilon)
