@@ -51,9 +51,11 @@ def worker(arm: str, steps: int, out: Path) -> None:
     distributed.setup(cfg)
     try:
         if not distributed.is_trainer():  # split placement's generation rank
+            from fastdash.layout import resolve_layout
             from fastdash.rollout.split import serve
+            from fastdash.runtime import build_server
 
-            return serve(cfg)
+            return serve(cfg, *build_server(cfg, resolve_layout(cfg)))
         rows = rows_for(size, 0, cfg.rollout_size * steps // size["num_generations"])
         run = build_run(cfg, with_plan=True)
         trainer = Trainer(cfg, run, prompt_source=PromptFeed(rows))

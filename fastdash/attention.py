@@ -17,6 +17,9 @@ The varlen backends are wired into transformers as one registered attention func
 ``fastdash_varlen``: packed calls (``cu_seq_lens_q`` in the kwargs, no mask) go to the varlen kernel,
 padded calls (2-D mask) to transformers' sdpa with the usual mask, so one model serves both arms.
 Importing this module never needs flash-attn.
+
+Shared prompts (`packing.collate_shared`): the forward passes ``fastdash_prefix`` and
+``fastdash_varlen`` sends the row to `shared_prefix_attention` (batched sdpa on every device).
 """
 from __future__ import annotations
 
@@ -155,6 +158,10 @@ def varlen_attention_forward(
         raise ValueError(f"packed attention expects one row, got batch size {query.shape[0]}")
     max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    prefix = kwargs.get("fastdash_prefix")
+    if prefix is not None:  # shared prompts: completions also attend to their group's prompt
+        q, k, v = (x.to(compute_dtype(q, k, v)) for x in (q, k, v))
+        return shared_prefix_attention(q, k, v, cu, prefix, scale=scaling, dropout=dropout).unsqueeze(0), None
     out = varlen_attention(q, k, v, cu, max_len, scale=scaling, dropout=dropout)
     return out.unsqueeze(0), None  # [1, T, Hq, D]
 
@@ -163,9 +170,13 @@ def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     scale: float | None = None, dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Causal attention within each packed sequence. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    """Causal attention within each packed sequence. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], in the
+    compute dtype (`compute_dtype`): fp32 master weights under bf16 autocast give fp32 q/k (RoPE over
+    the fp32 residual stream) and a bf16 v (a Linear), so no input's own dtype says what to run in."""
+    dtype = compute_dtype(q, k, v)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    low_precision = q.dtype in (torch.float16, torch.bfloat16)
+    low_precision = dtype in (torch.float16, torch.bfloat16)
     if q.is_cuda and low_precision:
         flash = _flash_attn_varlen_func()
         if flash is not None:
@@ -175,6 +186,15 @@ def varlen_attention(
             return _call_torch_varlen(varlen, q, k, v, cu, max_seqlen, scale)
     # fp32 (the kernels take fp16/bf16 only), CPU, or dropout: exact, one sdpa per sequence length
     return _sdpa_by_length(q, k, v, cu, scale, dropout)
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for q's device (the trainer's forward passes), else
+    torch's promotion of the three (mixed inputs outside autocast run in the widest)."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
 
 
 def _call_torch_varlen(varlen, q, k, v, cu, max_seqlen, scale):
@@ -205,5 +225,35 @@ def _sdpa_by_length(q, k, v, cu, scale, dropout):
         idx = (starts[lengths == L][:, None] + torch.arange(L, device=q.device)).reshape(-1)  # [n * L]
         qs, ks, vs = (x[idx].unflatten(0, (-1, L)).transpose(1, 2) for x in (q, k, v))  # [n, H, L, D]
         o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
-        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(-1, *q.shape[1:]))
+        # sdpa's result in q's dtype: CUDA's autocast does not promote index_copy (CPU's does)
+        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(-1, *q.shape[1:]).to(out.dtype))
+    return out  # [T, Hq, D]
+
+
+def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            prefix: torch.Tensor, scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention where segment i of the packed row (cu_seqlens) first attends to the keys of
+    rows prefix[i] = (start, length), then causally to its own: a group's completions read their shared
+    prompt's keys and values, gathered (so the prompt's gradient is the sum over its completions).
+    Segments of one (prefix length, own length) go through one sdpa call with a bottom-right causal mask.
+    q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    gqa = q.shape[1] != k.shape[1]
+    cu = cu_seqlens.to(q.device).long()
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    pstart, plen = prefix[:, 0].to(q.device), prefix[:, 1].to(q.device)
+    out = q.new_empty(q.shape)
+    for P, L in torch.unique(torch.stack([plen, lengths], 1), dim=0).tolist():
+        if L == 0:
+            continue
+        pick = (plen == P) & (lengths == L)
+        own = starts[pick][:, None] + torch.arange(L, device=q.device)  # [n, L]
+        keys = torch.cat([pstart[pick][:, None] + torch.arange(P, device=q.device), own], 1)  # [n, P + L]
+        qs = q[own.reshape(-1)].unflatten(0, (-1, L)).transpose(1, 2)  # [n, H, L, D]
+        ks, vs = (x[keys.reshape(-1)].unflatten(0, (-1, P + L)).transpose(1, 2) for x in (k, v))  # [n, H, P+L, D]
+        # query i sees the whole prefix and its own first i + 1 tokens (P = 0: plain causal)
+        mask = None if P == 0 else torch.ones(L, P + L, dtype=torch.bool, device=q.device).tril(P)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=P == 0,
+                                           scale=scale, enable_gqa=gqa)
+        idx = own.reshape(-1)
+        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(-1, *q.shape[1:]).to(out.dtype))
     return out  # [T, Hq, D]

@@ -21,6 +21,10 @@ class Completion:
     truncated: bool  # hit max_completion_length without EOS
     sampler_logps: list[float] | None = None  # per-token log-probs from the engine, when it gives them
     policy_version: int = 0  # optimizer steps the generating weights had taken (set by the trainer / worker)
+    # tools (multi-turn): 1 = a sampled token, 0 = a tool / template token between turns (never trained);
+    # None = every token sampled. sampler_logps then cover the 1s only.
+    completion_mask: list[int] | None = None
+    episode: object | None = None  # tools: the sample's `fastdash.tools.Episode` (stats, messages)
 
 
 @dataclass(frozen=True)
@@ -39,22 +43,40 @@ class Sample:
     advantage: float = 0.0
     old_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when an old-policy pass ran
     ref_logps: torch.Tensor | None = None  # [len(completion_ids)] fp32, when beta > 0
+    entropy: torch.Tensor | None = None  # [len(completion_ids)] fp32 under the sampling policy (top_entropy_quantile)
     sampler_logps: list[float] | None = None  # the engine's own log-probs (vLLM), for the mismatch metric
     policy_version: int = 0  # optimizer steps the weights that generated it had taken
+    # tools: 1 = sampled token, 0 = tool / template token (in the sequence, out of the loss); None = all 1.
+    # Every per-token field above (old / ref / sampler log-probs, entropy) has one entry per 1.
+    completion_mask: tuple[int, ...] | None = None
+    messages: list[dict] | None = None  # tools: the transcript as chat messages (completions.jsonl logs it)
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def loss_ids(self) -> list[int]:
+        """The completion tokens the loss sees (the sampled ones)."""
+        if self.completion_mask is None:
+            return self.completion_ids
+        return [t for t, m in zip(self.completion_ids, self.completion_mask) if m]
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Tokens the loss and every normaliser count (`loss_type` semantics: sampled tokens only)."""
+        return len(self.completion_ids) if self.completion_mask is None else sum(self.completion_mask)
 
 
 @dataclass(frozen=True)
 class StepBatch:
     """What one optimizer step trains on, made once by `rollout`; `optimize` only reads it."""
 
-    samples: tuple[Sample, ...]  # every sample of the step (metrics; dapo's normaliser counts them all)
+    samples: tuple[Sample, ...]  # every sample of the step (metrics; dapo's normaliser counts the unmasked)
     kept: tuple[Sample, ...]  # those that reach the loss: loss mask and gradient filter passed
     normaliser: float  # the loss denominator, fixed before the first micro-batch
     masked: int = 0  # samples the loss mask dropped (empty, or truncated with mask_truncated_completions)
+    entropy_threshold: float | None = None  # top_entropy_quantile: the step's entropy quantile (fastdash.loss_masks)
     rollout_metrics: dict | None = None  # the rollout's own metrics, on its first step batch
 
     @property
@@ -86,6 +108,9 @@ class MicroBatch:
     old_logps: torch.Tensor | None = None  # [N] fp32
     ref_logps: torch.Tensor | None = None  # [N] fp32
     sampler_logps: torch.Tensor | None = None  # [N] fp32, the engine's, when every sample carries them
+    # shared prompts (packing.collate_shared): per cu_seqlens segment, (start, length) of the prompt segment
+    # it attends to before itself; (0, 0) for a prompt's own segment. None: segments attend to themselves only
+    prefix: torch.Tensor | None = None  # [segments, 2] int64
     meta: dict = field(default_factory=dict)  # e.g. padding tokens, for metrics
 
     def to(self, device: torch.device | str) -> "MicroBatch":

@@ -9,6 +9,10 @@ written under a temporary name and renamed into place only once complete (with a
 inside), so a kill during a save never leaves a half checkpoint that looks whole.
 `trainer_state.pt` is a pickle: load only checkpoints you (or your runs) wrote.
 
+LoRA (lora_r > 0): the model files are a peft adapter directory (the fp32 adapters; the frozen base is
+`model`'s own files), and `final/` is one too (`PeftModel.from_pretrained`), plus `final/merged/` with
+merge_lora. docs/lora.md.
+
 Several ranks (DDP: every rank holds the same full fp32 weights and optimizer state) write one
 checkpoint collectively: rank 0 writes the weights and states above plus `rank_states.pt`, every
 rank's RNG, token budget and rollout buffer (its shares of the step batches not yet trained on),
@@ -35,6 +39,7 @@ from safetensors.torch import load_file
 
 from fastdash import distributed, fsdp
 from fastdash.config import save_config
+from fastdash.lora import adapter_state, is_lora, load_adapter_state, save_adapters, save_merged
 
 log = logging.getLogger("fastdash")
 MARKER = "COMPLETE"
@@ -45,7 +50,8 @@ STATE_KEYS = ("optimizer", "lr_scheduler", "state", "rng", "config")
 MUST_MATCH = ("model", "task", "dataset", "dataset_split", "prompt_template", "chat_template", "system_prompt",
               "num_generations",
               "generation_batch_size", "train_batch_size", "num_iterations", "loss_type", "seed", "shuffle",
-              "num_train_problems", "max_prompt_length", "max_completion_length")
+              "num_train_problems", "max_prompt_length", "max_completion_length",
+              "lora_r", "lora_alpha", "lora_target_modules")
 
 
 class UnreadableCheckpoint(ValueError):
@@ -142,7 +148,9 @@ def save_checkpoint(cfg, run, trainer, out: Path) -> Path:
         return final
 
     def write(d: Path):
-        if weights is None:  # the weights and optimizer state are the DCP files
+        if is_lora(run.model):  # the adapters (fp32, a peft adapter dir): the base is cfg.model's own files
+            save_adapters(run.model, d)
+        elif weights is None:  # the weights and optimizer state are the DCP files
             run.model.config.save_pretrained(d)
         else:
             _save_pretrained(run.model, d, weights)
@@ -177,6 +185,8 @@ def save_final(cfg, run, trainer, out: Path, checkpoint: bool = True) -> Path:
     saved (`checkpoint=False`), a full checkpoint of the last step (fp32 master weights: exact resume)."""
     if checkpoint:
         save_checkpoint(cfg, run, trainer, out)
+    if is_lora(run.model):
+        return _write_atomically(out / "final", lambda d: _save_lora_final(cfg, run, d))
     full = fsdp.full_model_state(run.model)  # collective when sharded
     if not distributed.is_main():
         return out / "final"
@@ -190,6 +200,16 @@ def save_final(cfg, run, trainer, out: Path, checkpoint: bool = True) -> Path:
         run.tokenizer.save_pretrained(d)
 
     return _write_atomically(out / "final", write)
+
+
+def _save_lora_final(cfg, run, d: Path) -> None:
+    """final/: a peft adapter directory (fp32 adapters, `PeftModel.from_pretrained(base, final)`), the
+    tokenizer, and with merge_lora the adapters folded into the base under merged/, in `save_dtype`."""
+    save_adapters(run.model, d)
+    run.tokenizer.save_pretrained(d)
+    if cfg.merge_lora:
+        save_merged(run.model, d / "merged", final_dtype(cfg, run))
+        run.tokenizer.save_pretrained(d / "merged")
 
 
 def _save_pretrained(model, d: Path, weights: dict) -> None:
@@ -292,7 +312,8 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
         raise ValueError(f"checkpoint {path} was made with a different config: "
                          + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
                          + "; resume with the checkpoint's values or start a new output_dir")
-    own = run.model.state_dict()
+    lora = is_lora(run.model)  # the checkpoint holds the adapters only, by peft's names
+    own = adapter_state(run.model) if lora else run.model.state_dict()
     tied = getattr(run.model.config, "tie_word_embeddings", False)
     missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and tied)]
     unexpected = [k for k in weights if k not in own]
@@ -303,7 +324,9 @@ def load_checkpoint(cfg, run, trainer, path: Path) -> None:
         raise ValueError(f"checkpoint {path} does not fit the model {cfg.model!r}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatches {shapes[:3]}")
     dcp = path / fsdp.DCP_DIR
-    if not dcp.is_dir():
+    if lora:
+        load_adapter_state(run.model, weights)
+    elif not dcp.is_dir():
         fsdp.load_model_state(run.model, weights)
     try:
         if dcp.is_dir():  # weights and optimizer state, re-sharded to this run's ranks
@@ -368,7 +391,8 @@ def merge_step_batches(parts):
             if s.uid in by_uid:
                 kept.append((len(samples), dataclasses.replace(by_uid[s.uid], uid=len(samples))))
             samples.append(dataclasses.replace(s, uid=len(samples)))
-    batch = StepBatch(tuple(samples), tuple(s for _, s in kept), parts[0].normaliser, sum(b.masked for b in parts))
+    batch = StepBatch(tuple(samples), tuple(s for _, s in kept), parts[0].normaliser, sum(b.masked for b in parts),
+                      entropy_threshold=parts[0].entropy_threshold)  # a step-wide value, the same on every rank
     return batch, [i for i, _ in kept]
 
 
@@ -381,4 +405,4 @@ def split_step_batch(merged, r: int, world: int, mask_truncated: bool):
     kept = tuple(s for i, s in zip(kept_at, batch.kept) if lo <= i < hi)
     mine = batch.samples[lo:hi]
     masked = sum(1 for s in mine if not s.completion_ids or (mask_truncated and s.truncated))  # as algo.loss_mask
-    return StepBatch(mine, kept, batch.normaliser, masked)
+    return StepBatch(mine, kept, batch.normaliser, masked, entropy_threshold=batch.entropy_threshold)

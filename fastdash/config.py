@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +23,18 @@ from pathlib import Path
 import yaml
 
 from fastdash.algo import LOSS_TYPES, SCALE_REWARDS, PreemptiveSampling, preemptive_sampling
+from fastdash.algo import MULTI_OBJECTIVE_AGGREGATIONS
 from fastdash.correction import CORRECTIONS, IS_LEVELS, OLD_LOGPROBS
+from fastdash.rewards.weighted import check_weights
+from fastdash.rollout.base import ENGINES, HF_DECODES  # the engines' vocabulary (docs/architecture.md)
+from fastdash.tracking import report_to_list
 from fastdash_kernels import BACKENDS as KERNELS
 from fastdash_kernels import KL_ESTIMATORS
 
-ENGINES = ("auto", "hf", "vllm")
-HF_DECODES = ("auto", "compact", "static", "generate")  # the HF engine's decode loop
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLELISMS = ("auto", "ddp", "fsdp")
-TASKS = ("arithmetic", "arithmetic_chat", "gsm8k", "math", "mbpp", "plain")
-BUILTIN_TASKS = ("arithmetic", "arithmetic_chat")  # generated in fastdash/data, no dataset needed
+TASKS = ("arithmetic", "arithmetic_chat", "multiplication", "gsm8k", "math", "mbpp", "plain")
+BUILTIN_TASKS = ("arithmetic", "arithmetic_chat", "multiplication")  # generated in fastdash/data, no dataset needed
 
 
 def opt(default, text: str):
@@ -59,7 +62,12 @@ class Config:
         None, "Python format string over the row's columns, e.g. '{question}\\nAnswer:'")
     chat_template: bool | str = opt("auto", "auto: template message-list prompts; true: text too; false: never")
     system_prompt: str | None = opt(None, "a system message prepended to every chat-templated prompt")
-    reward: str | None = opt(None, "registry name or dotted path; None = the task's reward")
+    reward: str | list | None = opt(
+        None, "registry name or dotted path, or a list of them (TRL's reward_funcs); None = the task's reward")
+    reward_weights: list | None = opt(None, "one weight per reward function; None = all 1.0 (docs/rewards.md)")
+    multi_objective_aggregation: str = opt(
+        "sum_then_normalize", "several rewards: sum_then_normalize (weighted sum, then scale_rewards) | "
+        "normalize_then_sum (GDPO: each normalised in its group, weighted sum, normalised over the batch)")
     num_train_problems: int = opt(50_000, "problems generated for the built-in tasks")
     num_eval_problems: int = opt(500, "held-out problems evaluated")
     max_prompt_length: int = opt(16, "prompt tokens; longer prompts are skipped with a warning (the paper: 256)")
@@ -68,6 +76,9 @@ class Config:
     engine: str = opt("auto", "rollout engine: auto (vLLM when it imports, else HF) | hf | vllm")
     hf_decode: str = opt(
         "auto", "HF engine decode loop: auto (= compact) | compact | static (compiled, opt-in) | generate")
+    share_prompts: bool | str = opt(
+        "auto", "prefill a group's prompt once in generation (docs/shared-prompts.md): auto (= on where "
+        "supported) | true | false")
     num_generations: int = opt(4, "G, completions per prompt (the group of the group-relative advantage)")
     generation_batch_size: int = opt(
         256, "samples per engine call: = train_batch_size is DASH, = micro_batch_size baseline GRPO")
@@ -79,7 +90,7 @@ class Config:
     length_control_mean: int = opt(0, "benchmarks: force EOS at lengths ~ this mean (0 = off)")
     # --- the paper's maths ---
     loss_type: str = opt(
-        "dr_grpo", "grpo | bnpo | dr_grpo | dapo: the normaliser and per-sequence weights (fastdash/algo.py)")
+        "dr_grpo", "grpo | bnpo | dr_grpo | dapo | cispo | sapo: normaliser and surrogate (docs/losses.md)")
     scale_rewards: str = opt("group", "group (std-scaled, eps 1e-4) | none (dr_grpo style); bools accepted")
     beta: float = opt(0.0, "KL coefficient; the reference model is loaded only when > 0")
     kl_estimator: str = opt("k3", "k1 | k2 | k3 estimator of KL(pi || pi_ref)")
@@ -89,6 +100,19 @@ class Config:
     gradient_filtering: bool = opt(
         True, "DASH's gradient filter: drop samples with |A| <= tau before any forward pass")
     gradient_filtering_threshold: float = opt(0.1, "tau: keep |A| > tau")
+    # --- the loss family beyond the paper (docs/losses.md; TRL's GRPOConfig names and meanings) ---
+    importance_sampling_level: str = opt(
+        "token", "PPO ratio per token | sequence (GSPO: exp of the sequence's mean log-ratio, clipped per sequence)")
+    delta: float | None = opt(
+        None, "two-sided clip: the ratio's bound when A < 0; must be > 1 + epsilon_high (None = off; INTELLECT-2: 4)")
+    sapo_temperature_pos: float = opt(1.0, "loss_type=sapo: temperature of the soft gate for A > 0")
+    sapo_temperature_neg: float = opt(1.05, "loss_type=sapo: temperature of the soft gate for A <= 0")
+    top_entropy_quantile: float = opt(
+        1.0, "rho: only the step's top-rho fraction of loss tokens by entropy get a policy gradient (1 = all)")
+    off_policy_mask_threshold: float | None = opt(
+        None, "drop the policy term of sequences with A < 0 whose mean KL(sampler || current) exceeds it (None = off)")
+    use_bias_correction_kl: bool = opt(
+        False, "multiply the KL term by the PPO ratio (DeepSeek-V3.2; TRL 1.16's default); false = the paper's")
     # --- beyond DASH: the sampler's own log-probs (fastdash/correction.py) ---
     rollout_correction: str = opt(
         "none", "none | tis (truncated IS) | mis (masked IS), against the sampler's log-probs")
@@ -101,6 +125,14 @@ class Config:
     max_staleness: int = opt(1, "async_generation: S, rollouts generated ahead; a sample trains <= S steps after its weights")
     async_engine_threads: int = opt(1, "async_generation: torch threads of the generation worker process")
     speculative: dict | None = opt(None, "vLLM speculative_config, e.g. {method: ngram, num_speculative_tokens: 4}")
+    # --- tools: multi-turn rollouts (docs/tools.md; TRL's names) ---
+    tools: list[str] | None = opt(None, "tools the policy may call: python (the built-in sandbox) and / or module:function")
+    environment_factory: str | None = opt(
+        None, "module:Class: one instance per sample, its public methods are tools, reset() starts the episode")
+    max_tool_calling_iterations: int | None = opt(None, "tool turns per sample (None = until max_completion_length)")
+    tool_timeout_s: float = opt(10.0, "seconds per tool call; past it the model reads a timeout error")
+    tool_max_output_chars: int = opt(2000, "a tool output is cut to this many characters, the cut marked in the text")
+    tool_call_format: str = opt("auto", "auto | chatml (Qwen2.5's tool turns) | plain (no chat template: tiny models)")
     # --- backprop shape ---
     train_batch_size: int = opt(256, "samples per optimizer step")
     micro_batch_size: int = opt(8, "samples per padded micro-batch (packing off)")
@@ -116,6 +148,14 @@ class Config:
     kernel: str = opt(
         "auto", "fused lm_head/log-prob/loss backend: auto | triton (CUDA) | torch | liger | cce | reference")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more compute)")
+    # --- LoRA (fastdash/lora.py, docs/lora.md; needs `pip install 'fastdash[peft]'`) ---
+    lora_r: int = opt(0, "LoRA rank: train adapters on a frozen base held in the compute dtype (0 = full fine-tuning)")
+    lora_alpha: float = opt(32.0, "LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_r")
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input (0: keeps the PPO ratio exactly 1 on-policy)")
+    lora_target_modules: str = opt(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma-separated module names given adapters (default: the attention and MLP projections), or all-linear")
+    merge_lora: bool = opt(False, "LoRA: output_dir/final also gets merged/, the adapters folded into the base")
     # --- optimiser ---
     learning_rate: float = opt(1e-4, "the paper: 3e-6 (for 0.5B-3B models)")
     lr_scheduler_type: str = opt("linear", "linear | constant")
@@ -136,7 +176,13 @@ class Config:
         "auto", "auto (sharded under parallelism=fsdp, else full) | full (safetensors + optimizer, gathered to "
         "rank 0) | sharded (torch.distributed.checkpoint: every rank writes its shards)")
     resume: str | None = opt(None, "auto | a checkpoint path")
-    logging_steps: int = opt(1, "write metrics every N optimizer steps")
+    logging_steps: int = opt(1, "send metrics (and log_completions) to report_to every N steps; metrics.jsonl: all")
+    report_to: str | list = opt(
+        "none", "trackers: none | tensorboard | trackio | wandb | all, or a list; offline (docs/tracking.md)")
+    run_name: str | None = opt(None, "the run's name in the trackers; None = output_dir's name")
+    log_completions: bool = opt(
+        False, "every logging_steps: prompt, completion, reward, advantage to report_to, completions.jsonl, console")
+    num_completions_to_print: int | None = opt(None, "log_completions: samples per logged step (None = all)")
     eval_steps: int = opt(50, "held-out eval every N steps (0 = only before and after training)")
     eval_batch_size: int = opt(500, "completions per engine call during evaluation")
     eval_sampled: bool = opt(True, "also report sampled (temperature) held-out accuracy")
@@ -189,10 +235,22 @@ class Config:
                        engine=ENGINES, hf_decode=HF_DECODES, task=TASKS, scale_rewards=SCALE_REWARDS,
                        lr_scheduler_type=("linear", "constant"), dtype=DTYPES, save_dtype=DTYPES,
                        checkpoint_format=("auto", "full", "sharded"),
-                       rollout_correction=CORRECTIONS, rollout_is_level=IS_LEVELS, old_logprobs=OLD_LOGPROBS)
+                       rollout_correction=CORRECTIONS, rollout_is_level=IS_LEVELS, old_logprobs=OLD_LOGPROBS,
+                       importance_sampling_level=IS_LEVELS)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {list(allowed)}")
+        if self.share_prompts not in ("auto", True, False) or type(self.share_prompts) is int:
+            bad("share_prompts", "must be auto, true or false")
+        if self.share_prompts is True:  # auto turns these off; an explicit true names what blocks it
+            for refused, why in ((self.engine == "hf" and self.hf_decode == "generate",
+                                  "hf_decode=generate prefills every row (set hf_decode=compact)"),
+                                 (not self.packing, "backprop shares prompts in packed micro-batches only "
+                                  "(set packing=true)"),
+                                 (self.parallelism == "fsdp", "not yet with parallelism=fsdp"),
+                                 (self.lora_r > 0, "not yet with LoRA (lora_r > 0)")):
+                if refused:
+                    bad("share_prompts", f"{why}; or set share_prompts=auto")
         G = self.num_generations
         if G < 2:
             bad("num_generations", "group-relative advantages need at least 2 samples per prompt")
@@ -227,12 +285,14 @@ class Config:
             bad("learning_rate", "must be > 0")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             bad("max_steps", "set max_steps > 0 or num_train_epochs > 0")
+        self._validate_rewards_and_tracking(bad)
         if self.task == "plain" and not self.reward:
             bad("reward", "task='plain' has no default reward: pass reward=NAME or reward=pkg.module:func")
         if self.chat_template not in ("auto", True, False) or isinstance(self.chat_template, int) and \
                 not isinstance(self.chat_template, bool):
             bad("chat_template", "must be auto, true or false")
         self._validate_beyond_dash(bad)
+        self._validate_lora(bad)
         if self.task not in BUILTIN_TASKS and self.dataset is None:
             bad("dataset", f"task={self.task!r} needs a dataset (local path or cached dataset name)")
         if self.parallelism not in PARALLELISMS:
@@ -242,13 +302,59 @@ class Config:
         if self.dist_timeout_s <= 0:
             bad("dist_timeout_s", "must be > 0 seconds (and longer than an evaluation, which rank 0 runs alone)")
 
+    def _validate_rewards_and_tracking(self, bad) -> None:
+        rewards = self.reward if isinstance(self.reward, list) else [self.reward]
+        if isinstance(self.reward, list) and (not rewards or not all(isinstance(r, str) and r for r in rewards)):
+            bad("reward", "a list of reward names / dotted paths, e.g. [math, mypkg.rewards:format_reward]")
+        if self.reward_weights is not None:
+            why = check_weights(self.reward_weights)
+            if why is None and len(self.reward_weights) != len(rewards):
+                why = f"{len(self.reward_weights)} weights, but reward names {len(rewards)} function(s): one each"
+            if why:
+                bad("reward_weights", why)
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            bad("multi_objective_aggregation", f"must be one of {list(MULTI_OBJECTIVE_AGGREGATIONS)}")
+        report_to_list(self.report_to)  # raises, naming the key
+        if self.logging_steps <= 0:
+            bad("logging_steps", "must be > 0")
+        if self.num_completions_to_print is not None and self.num_completions_to_print <= 0:
+            bad("num_completions_to_print", "must be > 0, or null for every sample of the step")
+
+    def _validate_loss_family(self, bad) -> None:
+        eps_hi = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if self.delta is not None and self.loss_type in ("cispo", "sapo"):
+            bad("delta", f"bounds the clipped objective's ratio; loss_type={self.loss_type} has no clip: "
+                "set delta=null")
+        if self.delta is not None and not self.delta > 1 + eps_hi:
+            bad("delta", f"must be > 1 + epsilon_high = {1 + eps_hi} (else it also clips positive advantages)")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            bad("epsilon_high", "loss_type=cispo caps the importance weight at epsilon_high itself (not "
+                "1 + epsilon_high): set it, e.g. epsilon_high=5.0 (TRL's and ScaleRL's recommendation)")
+        for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self, key) > 0:
+                bad(key, "must be > 0 (the soft gate is sigmoid(tau (r - 1)) * 4 / tau)")
+        if not 0 <= self.top_entropy_quantile <= 1:
+            bad("top_entropy_quantile", "must be in [0, 1] (1 = every token; 0.2 = the paper's top 20%)")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            bad("off_policy_mask_threshold", "must be >= 0 (a mean KL per token), or null for off")
+        if self.use_bias_correction_kl and self.beta == 0:
+            bad("use_bias_correction_kl", "corrects the KL term, which beta=0 turns off: set beta > 0 or false")
+        masks = self.top_entropy_quantile < 1 or self.off_policy_mask_threshold is not None
+        if self.kernel == "liger" and (self.loss_type in ("cispo", "sapo") or self.delta is not None
+                                       or self.importance_sampling_level != "token" or self.use_bias_correction_kl
+                                       or (masks and self.beta != 0)):
+            bad("kernel", "liger offers only the token-level clipped loss (no cispo, sapo, delta, sequence level, "
+                "bias-corrected KL; no masks with beta > 0): use kernel=torch or triton")
+
     def _validate_beyond_dash(self, bad) -> None:
+        self._validate_loss_family(bad)
         if not self.rollout_is_cap > 1:
             bad("rollout_is_cap", "must be > 1 (tis weights are min(rho, C); mis keeps rho in [1/C, C])")
         if self.rollout_correction != "none" and self.kernel == "liger" and self.beta != 0:
             bad("kernel", "liger cannot weight the policy-gradient term apart from the KL term: with "
                 "rollout_correction use kernel=torch / triton, or beta=0")
         self._validate_async(bad)
+        self._validate_tools(bad)
         if self.speculative is None:
             return
         if not isinstance(self.speculative, dict) or not isinstance(self.speculative.get("method"), str):
@@ -259,6 +365,66 @@ class Config:
             bad("speculative", "num_speculative_tokens must be a positive integer")
         if self.engine == "hf":
             bad("engine", "speculative decoding is a vLLM option: set engine=vllm, or speculative=null")
+
+    @property
+    def lora_modules(self) -> list[str] | str:
+        """`lora_target_modules` as peft's target_modules: a list of names, or 'all-linear'."""
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+    def _validate_lora(self, bad) -> None:
+        if self.lora_r < 0:
+            bad("lora_r", "must be >= 0 (0 = full fine-tuning, > 0 = the LoRA rank, e.g. 16)")
+        if not self.lora_alpha > 0:
+            bad("lora_alpha", "must be > 0 (the update is scaled by lora_alpha / lora_r)")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        names = [] if self.lora_modules == "all-linear" else self.lora_modules
+        if not self.lora_modules or not all(re.fullmatch(r"[\w.\-]+", m) for m in names):
+            bad("lora_target_modules", "must be comma-separated module names, e.g. q_proj,v_proj, or all-linear")
+        if self.merge_lora and not self.lora_r:
+            bad("merge_lora", "merges LoRA adapters: set lora_r > 0 too, or merge_lora=false")
+        if not self.lora_r:
+            return
+        # combinations not built yet: refused here, with the reason, instead of training wrongly
+        why = {"engine": (self.engine == "vllm", "the vLLM engine has no adapter sync yet (its LoRA requests are "
+                          "untested here): set engine=hf"),
+               "parallelism": (self.parallelism == "fsdp", "LoRA keeps one frozen base per rank (DDP all-reduces "
+                               "the adapters); FSDP sharding of a frozen base is not supported: parallelism=ddp"),
+               "generation_gpus": (self.generation_gpus > 0, "split placement ships full weights to the generation "
+                                   "ranks; with LoRA set generation_gpus=0"),
+               "async_generation": (self.async_generation, "the generation worker process holds a full copy of "
+                                    "the policy and syncs full weights; with LoRA set async_generation=false")}
+        for key, (refused, reason) in why.items():
+            if refused:
+                bad(key, f"not supported with lora_r > 0: {reason}")
+
+    def _validate_tools(self, bad) -> None:
+        if isinstance(self.tools, str):  # tools=python,pkg.mod:fn on the command line
+            self.tools = [t.strip() for t in self.tools.split(",") if t.strip()]
+        for t in self.tools or []:
+            if not isinstance(t, str) or (t != "python" and ":" not in t):
+                bad("tools", "each tool is 'python' (the built-in sandbox) or 'pkg.module:function'")
+        if self.environment_factory is not None and ":" not in str(self.environment_factory):
+            bad("environment_factory", "must be 'pkg.module:Class'")
+        if self.tool_call_format not in ("auto", "chatml", "plain"):
+            bad("tool_call_format", "must be one of ['auto', 'chatml', 'plain']")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            bad("max_tool_calling_iterations", "must be >= 0 or null (no limit)")
+        if not self.tool_timeout_s > 0 or self.tool_max_output_chars <= 0:
+            bad("tool_timeout_s", "tool_timeout_s and tool_max_output_chars must be > 0")
+        if not (self.tools or self.environment_factory):
+            return
+        # multi-turn rollouts run in the HF engine's compacting loop only (rollout/tool_decode.py)
+        why = {"async_generation": "async_generation's worker process has no tool pool yet: set async_generation=false",
+               "engine": "tools run in the HF engine's decode loop (vLLM: not yet): set engine=hf",
+               "hf_decode": "tools need the compacting decode loop: set hf_decode=auto or compact",
+               "generation_gpus": "split placement's generation ranks have no tool pool yet: set generation_gpus=0"}
+        for key, refused in (("async_generation", self.async_generation), ("engine", self.engine == "vllm"),
+                             ("hf_decode", self.hf_decode in ("static", "generate")),
+                             ("generation_gpus", self.generation_gpus > 0)):
+            if refused:
+                bad(key, f"not supported with tools: {why[key]}")
 
     def _validate_async(self, bad) -> None:
         if self.max_staleness < 0:
@@ -296,12 +462,12 @@ def _coerce(key: str, raw, annotation):
         raw = yaml.safe_load(raw) if raw.strip() else raw  # "3" -> 3, "true" -> True, "1e-4" -> str
     if key == "scale_rewards" and isinstance(raw, bool):
         return raw
-    for typ, conv in ((bool, None), (int, int), (float, float), (str, str), (dict, None)):
+    for typ, conv in ((bool, None), (int, int), (float, float), (str, str), (dict, None), (list, None)):
         if typ.__name__ not in hint:
             continue
         if typ is bool and isinstance(raw, bool):
             return raw
-        if typ is dict and isinstance(raw, dict):
+        if typ in (dict, list) and isinstance(raw, typ):
             return raw
         if typ is int and isinstance(raw, int) and not isinstance(raw, bool):
             return raw

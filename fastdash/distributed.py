@@ -7,7 +7,7 @@ tensors, NCCL for CUDA tensors) whose collectives time out after `dist_timeout_s
 Data parallelism keeps the maths of one process (README "Several GPUs / torchrun"):
 - every optimizer step's prompts are split into contiguous shares, one per rank, so a group's G
   samples stay on one rank and the union over ranks is the one-process step;
-- the step's loss normaliser is summed over ranks before the first micro-batch (`algo.global_sum`),
+- the step's loss normaliser is summed over ranks before the first micro-batch (`sum_floats`),
   so each rank's loss is already its share of the global loss: after the backward loop the gradients
   are summed once (`all_reduce_grads`, bucketed, fp32), which is exactly the one-process gradient.
   We reduce ourselves rather than wrap the model in `DistributedDataParallel`: ranks run different
@@ -136,6 +136,18 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_device() -> torch.device:
+    """This process's device: `cuda:<LOCAL_RANK>` (one GPU per rank, the one `setup` selects), else CPU.
+    With an index, so processes this one starts (the async worker) land on it, not on GPU 0."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    r, count = local_rank(), torch.cuda.device_count()
+    if r >= count:
+        raise ValueError(f"LOCAL_RANK={r} but this process sees {count} CUDA device(s): every rank needs its own "
+                         "GPU; lower --nproc_per_node (or let each rank see every GPU of the node)")
+    return torch.device("cuda", r)
+
+
 def planned_world(cfg=None) -> int:
     """The number of trainer ranks: torchrun's world size less cfg's generation ranks (also before /
     without the process group: --dry-run)."""
@@ -166,72 +178,13 @@ def collective_error(e: BaseException) -> bool:
         w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe"))
 
 
-def rank_call_samples(cfg, world: int) -> int:
-    """The most samples one engine call of a rank holds (its share of the one-process call)."""
-    gen, train = cfg.generation_batch_size, cfg.train_batch_size
-    return gen // world if gen >= train else min(gen, train // world)
-
-
-def placement(cfg, world: int, cuda_devices: int, n_params: int | None = None) -> str:
-    """--dry-run: what each rank does and where the engines live (n_params: the sharded share under FSDP)."""
-    G, shape = cfg.num_generations, cfg.preemptive_sampling
-    per_step, per_rollout = cfg.train_batch_size // world, shape.samples // world
-    mode = resolve_parallelism(cfg, world)
-    held = ("fp32 weights, gradients and AdamW state sharded 1/%d per rank (FSDP2); every micro-batch "
-            "all-gathers each layer" % world if mode == "fsdp" else "one fp32 replica each; gradients summed "
-            "once per step")
-    lines = [f"ranks: {world} ({mode}: {held})",
-             f"per rank: {per_step} samples ({per_step // G} prompts x G={G}) of each step, {per_rollout} of each "
-             f"rollout; engine calls of <= {rank_call_samples(cfg, world)} samples; the memory plan below is a rank's"]
-    if mode == "fsdp" and n_params:
-        lines.append(f"fsdp per rank: {16 * n_params / world / 2**30:.3f} GiB of fp32 weights, gradients and AdamW "
-                     f"state (1/{world} of {16 * n_params / 2**30:.3f} GiB; the plan's fixed part below is a full "
-                     "replica's) + one layer gathered at a time + the engine's full copy")
-    if cfg.generation_gpus:
-        from fastdash.rollout.split import describe
-
-        lines.append(describe(cfg, world, cuda_devices))
-    else:
-        where = "its own GPU (LOCAL_RANK)" if cuda_devices else "CPU"
-        lines.append(f"placement: colocated; every rank generates its share with its own engine on {where}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- start / stop ---------------------
-def check_world(cfg, world: int, cuda_devices: int) -> None:
-    """Bad combinations fail at start, naming the key and the fix."""
-    G, shape = cfg.num_generations, cfg.preemptive_sampling
-    if cfg.generation_gpus:
-        from fastdash.rollout.split import check_split
-
-        check_split(cfg, world, cuda_devices)
-    trainers = world - cfg.generation_gpus
-    if cfg.train_batch_size % (trainers * G):
-        raise ValueError(f"config: train_batch_size={cfg.train_batch_size}: must be a multiple of trainer ranks x "
-                         f"num_generations = {trainers} x {G} (a group's samples stay on one rank); set it to "
-                         f"{max(1, cfg.train_batch_size // (trainers * G)) * trainers * G} or change --nproc_per_node")
-    if cfg.async_generation and world > 1 and (cfg.generation_gpus or cfg.parallelism == "fsdp"):
-        key = "generation_gpus" if cfg.generation_gpus else "parallelism=fsdp"
-        raise ValueError(f"config: async_generation=true with {key}: each trainer rank's worker holds a full copy "
-                         "of the policy (DDP replicas only); set async_generation=false")
-    if shape.samples_per_call % G:
-        raise ValueError(f"config: generation_batch_size={cfg.generation_batch_size}: must be a multiple of "
-                         f"num_generations={G}")
-
-
-def resolve_parallelism(cfg, world: int | None = None) -> str:
-    """ddp or fsdp. One process has nothing to shard (fsdp runs unsharded there: a sharded checkpoint
-    resumes on one rank); auto is ddp unless the memory plan finds no room for a replica (runtime)."""
-    world = planned_world() if world is None else world
-    return "fsdp" if cfg.parallelism == "fsdp" and world > 1 else "ddp"
-
-
 def setup(cfg) -> None:
-    """Join the process group torchrun described (no-op for one process); start the heartbeat."""
+    """Join the process group torchrun described (no-op for one process); start the heartbeat. The
+    world was checked before (`fastdash.layout.resolve_layout`)."""
     global _watchdog
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    check_world(cfg, world, cuda)
     if world == 1 or joined():
         return
     r = int(os.environ["RANK"])

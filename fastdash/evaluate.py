@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from fastdash.rewards import score_completions
+from fastdash.rewards.weighted import accuracy_reward
 from fastdash.rollout.base import SamplingParams
 
 
@@ -34,7 +35,7 @@ def _correct(run, params: SamplingParams, n: int) -> list[int]:
         chunk = problems[i : i + per_call]
         completions = run.engine.generate([run.prompt_ids(p) for p in chunk], n, call_params)
         texts += [run.decode(c.completion_ids) for c in completions]
-    rewards, _ = score_completions(run.reward_fn, texts, [p for p in problems for _ in range(n)])
+    rewards, _ = score_completions(accuracy_reward(run.reward_fn), texts, [p for p in problems for _ in range(n)])
     return [sum(r >= 1.0 for r in rewards[j * n : (j + 1) * n]) for j in range(len(problems))]
 
 

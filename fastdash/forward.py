@@ -46,7 +46,9 @@ def forward_hidden(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     if mb.cu_seqlens is not None:
         if mb.input_ids.shape[0] != 1:
             raise ValueError(f"a packed micro-batch has one row, got input_ids of shape {tuple(mb.input_ids.shape)}")
-        use_packed_attention(model)
+        # shared prompts need fastdash's attention function (it reads the prefix layout) on any device
+        use_packed_attention(model, "sdpa_varlen" if mb.prefix is not None else None)
+        extra = {} if mb.prefix is None else {"fastdash_prefix": mb.prefix}
         # attention_mask=None AND use_cache=False: only then does transformers keep samples apart
         # (with a cache or a 2-D mask it silently attends across the packed samples)
         out = decoder(
@@ -55,6 +57,7 @@ def forward_hidden(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
             attention_mask=None,
             use_cache=False,
             **packed_attention_kwargs(model, mb.cu_seqlens, mb.max_seqlen),
+            **extra,
         )
     else:
         out = decoder(

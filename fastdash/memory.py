@@ -276,7 +276,7 @@ def probe_forward_backward(
     Gradients accumulate into `.grad`.
     """
     from fastdash.attention import packed_attention_kwargs, use_packed_attention
-    from fastdash.forward import compute_autocast
+    from fastdash.forward import _decoder, compute_autocast
 
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -292,7 +292,7 @@ def probe_forward_backward(
     targets = input_ids.view(-1)[loss_pos + 1]
 
     with compute_autocast(device, compute_dtype):
-        hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+        hidden = _decoder(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
                                   use_cache=False, **attn_kwargs).last_hidden_state.view(tokens, -1)
     h = hidden.detach().requires_grad_(True)
     head = model.get_output_embeddings()

@@ -38,6 +38,7 @@ class Workload:
     engine: str = "hf"
     vllm_sleep: bool = True  # vLLM frees its weights and KV cache during backprop
     compute_dtype: torch.dtype | None = None  # forward/backward (autocast); None: the parameters' dtype
+    lora: bool = False  # LoRA: a frozen compute-dtype base, trained fp32 adapters (fastdash/lora.py)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -96,6 +97,8 @@ class FixedPart:
     optimizer: int  # fp32 state
     reference: int  # reference model in the compute dtype (beta > 0)
     generation_weights: int  # the HF engine's compute-dtype copy (when it differs from the weights')
+    base_params: int = 0  # the model's own parameters (LoRA adapters not counted)
+    adapter_bytes: int = 0  # LoRA: the adapters' fp32 weights + grads + AdamW state (inside the totals above)
 
     @property
     def total(self) -> int:
@@ -113,10 +116,22 @@ def fixed_part(model: torch.nn.Module, w: Workload) -> FixedPart:
     vLLM's own weight copy is inside its memory share, not here."""
     weights, grads, n_trainable = model_bytes(model)
     compute = w.compute_dtype or next(model.parameters()).dtype
+    optimizer = n_trainable * OPTIMIZER_STATE_BYTES[w.optimizer]
+    if w.lora:  # the reference is the base with adapters off; the engine decodes on the same base and
+        # holds its own adapters only when the compute dtype is not theirs (fp32)
+        engine = n_trainable * _itemsize(compute) if w.engine == "hf" and compute != torch.float32 else 0
+        n_base = sum(p.numel() for p in model.parameters()) - n_trainable
+        return FixedPart(weights=weights, grads=grads, optimizer=optimizer, reference=0, generation_weights=engine,
+                         base_params=n_base, adapter_bytes=grads + grads + optimizer)
     copy = copy_bytes(model, compute)
     separate_copy = w.engine == "hf" and compute != next(model.parameters()).dtype
-    return FixedPart(weights=weights, grads=grads, optimizer=n_trainable * OPTIMIZER_STATE_BYTES[w.optimizer],
-                     reference=copy if w.beta > 0 else 0, generation_weights=copy if separate_copy else 0)
+    return FixedPart(weights=weights, grads=grads, optimizer=optimizer, reference=copy if w.beta > 0 else 0,
+                     generation_weights=copy if separate_copy else 0,
+                     base_params=sum(p.numel() for p in model.parameters()))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
 
 
 @dataclass
@@ -162,6 +177,13 @@ class MemoryPlan:
     fastest_tokens: int | None = None  # where measured tokens/s peaks, when it does inside the range
     pinned: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    base_params: int = 0  # the model's own parameters (not the LoRA adapters)
+    lora_adapter_bytes: int = 0  # LoRA: adapter weights + grads + AdamW (fp32), inside the fixed part
+
+    @property
+    def fixed_bytes_per_base_param(self) -> float:
+        """The fixed part per model parameter: ~16-18 bytes full fine-tuning, ~2 + adapters LoRA (bf16)."""
+        return self.fixed_bytes / max(self.base_params, 1)
 
     def predict_backprop_bytes(self, tokens: int) -> int:
         fit = ActivationFit(self.activation_base_bytes, self.activation_bytes_per_token, self.activation_bytes_per_token_sq)
@@ -186,13 +208,17 @@ class MemoryPlan:
             ("already resident", gib(self.resident_bytes)),
             (f"usable (x{self.safety:g})", gib(self.usable_bytes)),
             ("compute dtype", self.compute_dtype),
-            (f"weights ({self.master_dtype})", gib(self.weights_bytes)),
+            (f"weights ({self.master_dtype})" if not self.lora_adapter_bytes else
+             f"weights (frozen {self.compute_dtype} base + fp32 adapters)", gib(self.weights_bytes)),
             (f"grads ({self.master_dtype})", gib(self.grads_bytes)),
             ("optimizer state (fp32)", gib(self.optimizer_bytes)),
             (f"reference model ({self.compute_dtype})", gib(self.reference_bytes)),
             (f"engine weights ({self.compute_dtype})",
              gib(self.generation_weights_bytes) if self.engine == "hf" else "in vLLM's share"),
             ("fixed total", gib(self.fixed_bytes)),
+            ("fixed bytes / model parameter", f"{self.fixed_bytes_per_base_param:8.2f} B"),
+            *([("LoRA adapters (weights+grads+AdamW)", f"{self.lora_adapter_bytes / 1024**2:8.2f} MiB")]
+              if self.lora_adapter_bytes else []),
             ("activation / token", f"{self.activation_bytes_per_token / 1024:8.1f} KiB"),
             ("activation / token^2", f"{self.activation_bytes_per_token_sq:8.2f} B"),
             ("activation base", gib(self.activation_base_bytes)),

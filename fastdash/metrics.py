@@ -47,9 +47,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, start_step: int = 0):
         self.path = path
-        if path.exists():  # a resumed run: drop lines past the checkpoint so no step appears twice
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+        trim_jsonl(path, start_step)
         self.rows: list[dict] = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
 
     def write(self, row: dict) -> None:
@@ -57,6 +55,13 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def trim_jsonl(path: Path, start_step: int) -> None:
+    """A resumed run: drop the lines past the checkpoint's step, so no step appears twice."""
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
 
 
 def _eval_curves(evals: list[dict]) -> list[tuple[str, str, str]]:

@@ -5,6 +5,7 @@ Presets build the real Qwen2.5 shapes with random weights, for throughput work w
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 log = logging.getLogger("fastdash")
 
 ASSETS = Path(__file__).parent / "assets"
-SHIPPED = {"tiny-arith": ASSETS / "tiny-arith"}  # made by scripts/make_base_model.py
+SHIPPED = {"tiny-arith": ASSETS / "tiny-arith",  # made by scripts/make_base_model.py
+           "tiny-tools": ASSETS / "tiny-tools"}  # scripts/make_tool_model.py (docs/tools.md)
 
 # Qwen2.5 base shapes (config.json of the public checkpoints), used with random weights.
 PRESETS: dict[str, dict] = {
@@ -76,6 +78,19 @@ def resolve_model_path(model: str) -> Path | None:
     return p if p.is_dir() else None
 
 
+def load_tokenizer(path: Path):
+    """The tokenizer saved in `path`. One saved as a plain tokenizers backend (the shipped character
+    tokenizers) loads as one: AutoTokenizer would rebuild it as the model type's class (Qwen2's BPE with
+    byte-level pre-tokenisation), which drops every whitespace character of a character vocabulary."""
+    saved = Path(path) / "tokenizer_config.json"
+    cls = json.loads(saved.read_text()).get("tokenizer_class") if saved.exists() else None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True, padding_side="left")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
+
+
 def load_model_and_tokenizer(model: str, *, dtype: torch.dtype = torch.float32,
                              attn_implementation: str = "sdpa", seed: int = 0):
     """`model` is a shipped name ('tiny-arith'), a local HF directory, or 'random:<preset>'."""
@@ -93,7 +108,7 @@ def load_model_and_tokenizer(model: str, *, dtype: torch.dtype = torch.float32,
             f"model={model!r} is neither a shipped model ({sorted(SHIPPED)}), a local directory, nor "
             f"'random:<preset>' (presets: {sorted(PRESETS)}). Nothing is downloaded: put the weights "
             "in a local directory and pass its path.")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
+    tok = load_tokenizer(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     net = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import gc
 import logging
+import weakref
 from typing import Callable, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_releasable: "weakref.WeakSet" = weakref.WeakSet()  # buffers kept across steps, freed before a retry
+
+
+def register_releasable(obj) -> None:
+    """`obj.release()` frees memory it keeps between calls (static decode's KV buffers); every OOM
+    back-off calls it before retrying. Held weakly: registering keeps nothing alive."""
+    _releasable.add(obj)
 
 
 def is_oom_error(e: BaseException) -> bool:
@@ -66,6 +74,8 @@ def run_with_oom_backoff(
 
 
 def _free_caches() -> None:
+    for obj in list(_releasable):  # buffers kept across steps (static decode): the retry needs the room
+        obj.release()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -6,7 +6,9 @@ Two layouts of the same samples, both as `fastdash.batch.MicroBatch`:
   row `[1, T]`, `position_ids` restart at 0 per sample and `cu_seqlens` marks the boundaries, so no
   token is padding and attention never crosses a sample boundary (see `fastdash.attention`);
 - padded (the baseline arm, GRPO / TRL style): `B` consecutive samples, right-padded to the longest,
-  with an attention mask `[B, T]`.
+  with an attention mask `[B, T]`;
+- shared (packed, `share_prompts`): samples with the same prompt hold it once, `[prompt, c1, c2, ...]`,
+  and the budget counts the tokens computed (`collate_shared`, docs/shared-prompts.md).
 
 Either way the loss only sees the N completion tokens: `logit_index[j]` is the flat position whose
 hidden state predicts `targets[j]`, and `fastdash.forward.forward_hidden` returns exactly those N
@@ -27,6 +29,8 @@ __all__ = [
     "microbatch_cost",
     "collate_packed",
     "collate_padded",
+    "collate_shared",
+    "plan_shared_microbatches",
 ]
 
 # Attention's share of the cost of a sample of L tokens is ~ L^2 / ATTN_SCALE against L for the
@@ -149,11 +153,14 @@ def _check_sample(s: Sample) -> None:
         raise ValueError(f"sample uid={s.uid} has an empty prompt; at least 1 prompt token is required")
     for name in ("old_logps", "ref_logps"):
         x = getattr(s, name)
-        if x is not None and x.numel() != len(s.completion_ids):
+        if x is not None and x.numel() != s.num_loss_tokens:
             raise ValueError(
-                f"sample uid={s.uid}: {name} has {x.numel()} entries, expected {len(s.completion_ids)} "
-                f"(one per completion token)"
+                f"sample uid={s.uid}: {name} has {x.numel()} entries, expected {s.num_loss_tokens} "
+                f"(one per sampled completion token)"
             )
+    if s.completion_mask is not None and len(s.completion_mask) != len(s.completion_ids):
+        raise ValueError(f"sample uid={s.uid}: completion_mask has {len(s.completion_mask)} entries for "
+                         f"{len(s.completion_ids)} completion tokens")
 
 
 def _per_token(samples: Sequence[Sample], name: str) -> torch.Tensor | None:
@@ -171,18 +178,18 @@ def _sampler_per_token(samples: Sequence[Sample]) -> torch.Tensor | None:
     if any(s.sampler_logps is None for s in samples):
         return None
     for s in samples:
-        if len(s.sampler_logps) != len(s.completion_ids):
+        if len(s.sampler_logps) != s.num_loss_tokens:
             raise ValueError(f"sample uid={s.uid}: sampler_logps has {len(s.sampler_logps)} entries, expected "
-                             f"{len(s.completion_ids)} (one per completion token)")
+                             f"{s.num_loss_tokens} (one per sampled completion token)")
     return torch.cat([torch.as_tensor(s.sampler_logps, dtype=torch.float32).reshape(-1).cpu() for s in samples])
 
 
 def _loss_fields(samples: Sequence[Sample], logit_index: torch.Tensor) -> dict:
     """The fields shared by both layouts: everything indexed by loss token or by sample."""
-    comp_lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.int64)
+    comp_lens = torch.tensor([s.num_loss_tokens for s in samples], dtype=torch.int64)
     completion_cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     completion_cu[1:] = comp_lens.cumsum(0)
-    targets = torch.tensor([t for s in samples for t in s.completion_ids], dtype=torch.int64)
+    targets = torch.tensor([t for s in samples for t in s.loss_ids], dtype=torch.int64)
     return dict(
         logit_index=logit_index,
         targets=targets,
@@ -194,6 +201,14 @@ def _loss_fields(samples: Sequence[Sample], logit_index: torch.Tensor) -> dict:
         ref_logps=_per_token(samples, "ref_logps"),
         sampler_logps=_sampler_per_token(samples),
     )
+
+
+def _loss_positions(s: Sample, first: int) -> torch.Tensor:
+    """Flat positions predicting the sample's loss tokens: `first` predicts completion token 0, and
+    tool / template tokens (completion_mask 0) are skipped: in the sequence, never a target."""
+    if s.completion_mask is None:
+        return torch.arange(first, first + len(s.completion_ids))
+    return first + torch.tensor(s.completion_mask, dtype=torch.bool).nonzero()[:, 0]
 
 
 def collate_packed(samples: list[Sample]) -> MicroBatch:
@@ -215,7 +230,7 @@ def collate_packed(samples: list[Sample]) -> MicroBatch:
         ids += s.prompt_ids
         ids += s.completion_ids
         pos.append(torch.arange(p + c))
-        index.append(torch.arange(offset + p - 1, offset + p + c - 1))
+        index.append(_loss_positions(s, offset + p - 1))
         seqlens.append(p + c)
         offset += p + c
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
@@ -227,6 +242,85 @@ def collate_packed(samples: list[Sample]) -> MicroBatch:
         cu_seqlens=cu,  # [S + 1]
         max_seqlen=max(seqlens),
         meta={"padding_tokens": 0, "real_tokens": offset},
+        **_loss_fields(samples, torch.cat(index)),
+    )
+
+
+def shared_units(samples: Sequence[Sample], max_tokens: int) -> list[list[int]]:
+    """Samples with the same prompt (a group's kept completions), as runs that each hold the prompt once
+    and fit `max_tokens` (prompt + their completions): a group over the budget splits into several runs,
+    each with its own copy of the prompt. Indices into `samples`, groups in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    units = []
+    for prompt, members in groups.items():
+        run, size = [], len(prompt)
+        for i in members:
+            c = len(samples[i].completion_ids)
+            if run and size + c > max_tokens:
+                units.append(run)
+                run, size = [], len(prompt)
+            run.append(i)
+            size += c
+        units.append(run)
+    return units
+
+
+def plan_shared_microbatches(samples: Sequence[Sample], max_tokens: int) -> list[list[int]]:
+    """`plan_microbatches` over prompt runs (`shared_units`): the budget counts the tokens computed,
+    each run's prompt once. A sample longer than the budget raises as in plan_microbatches."""
+    if any(s.length > max_tokens for s in samples):
+        plan_microbatches([s.length for s in samples], max_tokens)  # raises, naming the sample
+    units = shared_units(samples, max_tokens)
+    sizes = [len(samples[u[0]].prompt_ids) + sum(len(samples[i].completion_ids) for i in u) for u in units]
+    return [[i for b in bin_ for i in units[b]] for bin_ in plan_microbatches(sizes, max_tokens)]
+
+
+def collate_shared(samples: list[Sample]) -> MicroBatch:
+    """Packed, each run of consecutive samples with the same prompt holding it once: [prompt, c1, c2, ...].
+    Segments (cu_seqlens) are the prompt and each completion; `prefix` points a completion's segment at
+    its prompt (fastdash.attention.shared_prefix_attention), and its positions continue the prompt's.
+    Completion token 0 is predicted by the prompt's last position (shared by the run), token j > 0 by
+    the completion's position j - 1. Same loss fields, in the same sample order, as collate_packed."""
+    if not samples:
+        raise ValueError("collate_shared needs at least one sample")
+    ids: list[int] = []
+    pos: list[torch.Tensor] = []
+    index: list[torch.Tensor] = []
+    seqlens: list[int] = []
+    prefix: list[tuple[int, int]] = []
+    offset, prompt_at, last, prompt_tokens = 0, 0, None, 0
+    for s in samples:
+        _check_sample(s)
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        if s.prompt_ids != last:  # a new run: its prompt segment
+            ids += s.prompt_ids
+            pos.append(torch.arange(p))
+            seqlens.append(p)
+            prefix.append((0, 0))
+            prompt_at, last = offset, s.prompt_ids
+            offset, prompt_tokens = offset + p, prompt_tokens + p
+        ids += s.completion_ids
+        pos.append(torch.arange(p, p + c))
+        seqlens.append(c)
+        prefix.append((prompt_at, p))
+        # position of completion token j's predictor: the prompt's last for j = 0, else offset + j - 1
+        at = torch.cat([torch.tensor([prompt_at + p - 1]), torch.arange(offset, offset + c - 1)])[:c]
+        index.append(at if s.completion_mask is None else at[torch.tensor(s.completion_mask, dtype=torch.bool)])
+        offset += c
+    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seqlens).cumsum(0)
+    return MicroBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64).unsqueeze(0),  # [1, T]
+        position_ids=torch.cat(pos).unsqueeze(0),  # [1, T]
+        attention_mask=None,
+        cu_seqlens=cu,  # [segments + 1]
+        max_seqlen=max(seqlens),
+        prefix=torch.tensor(prefix, dtype=torch.int64),  # [segments, 2]
+        # real_tokens: the tokens computed; saved_prompt_tokens: what collate_packed would compute more
+        meta={"padding_tokens": 0, "real_tokens": offset,
+              "saved_prompt_tokens": sum(len(s.prompt_ids) for s in samples) - prompt_tokens},
         **_loss_fields(samples, torch.cat(index)),
     )
 
@@ -245,7 +339,7 @@ def collate_padded(samples: list[Sample], pad_token_id: int) -> MicroBatch:
         p, c = len(s.prompt_ids), len(s.completion_ids)
         input_ids[b, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.int64)
         attention_mask[b, : p + c] = 1
-        index.append(torch.arange(b * T + p - 1, b * T + p + c - 1))
+        index.append(_loss_positions(s, b * T + p - 1))
     real = sum(s.length for s in samples)
     return MicroBatch(
         input_ids=input_ids,  # [B, T]
@@ -260,9 +354,13 @@ def collate_padded(samples: list[Sample], pad_token_id: int) -> MicroBatch:
 
 
 def microbatches(samples: list[Sample], *, budget: int | None, micro_batch_size: int, pad_id: int,
-                 device) -> list[tuple[MicroBatch, list[Sample]]]:
-    """(micro-batch on `device`, its samples) pairs: packed under `budget` tokens, or (budget None)
-    padded `micro_batch_size` samples at a time."""
+                 device, share_prompts: bool = False) -> list[tuple[MicroBatch, list[Sample]]]:
+    """(micro-batch on `device`, its samples) pairs: packed under `budget` tokens (`share_prompts`: each
+    prompt once per micro-batch, the budget counting computed tokens), or (budget None) padded
+    `micro_batch_size` samples at a time."""
+    if budget is not None and share_prompts:
+        groups = [[samples[i] for i in idx] for idx in plan_shared_microbatches(samples, budget)]
+        return [(collate_shared(g).to(device), g) for g in groups]
     if budget is not None:
         groups = [[samples[i] for i in idx] for idx in plan_microbatches([s.length for s in samples], budget,
                                                                           allow_oversize=False)]

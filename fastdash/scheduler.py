@@ -308,6 +308,7 @@ def plan_memory(
     engine: str = "hf",
     vllm_sleep: bool = True,
     compute_dtype: torch.dtype | None = None,
+    lora: bool = False,
     safety: float = 0.9,
     memory_budget: int | None = None,
     max_tokens_per_microbatch: int | str = "auto",
@@ -338,7 +339,7 @@ def plan_memory(
         raise ValueError(f"safety must be in (0, 1], got {safety}")
     compute_dtype = compute_dtype or next(model.parameters()).dtype
     w = Workload(max_prompt_length, max_completion_length, samples_per_step, samples_per_generation, beta,
-                 optimizer, engine, vllm_sleep, compute_dtype)
+                 optimizer, engine, vllm_sleep, compute_dtype, lora)
     pins = Pins.check(max_tokens_per_microbatch, generation_concurrency, gpu_memory_utilization)
     probe = probe if probe is not None else default_probe(next(model.parameters()).device, memory_budget)
     fixed = fixed_part(model, w)
@@ -358,7 +359,8 @@ def _memory_plan(model, w: Workload, pins: Pins, probe: MemoryProbe, cap: Capaci
     fixed, L = cap.fixed, w.sample_len
     train_peak = int(fixed.total + bp.fit(bp.tokens))
     return MemoryPlan(
-        device=str(probe.device), engine=w.engine, master_dtype=_dtype_name(next(model.parameters()).dtype),
+        device=str(probe.device), engine=w.engine,
+        master_dtype="float32" if w.lora else _dtype_name(next(model.parameters()).dtype),  # LoRA: the adapters'
         compute_dtype=_dtype_name(w.compute_dtype), total_bytes=cap.total, free_bytes=cap.free,
         resident_bytes=cap.resident, safety=cap.safety, usable_bytes=cap.usable,
         weights_bytes=fixed.weights, grads_bytes=fixed.grads, optimizer_bytes=fixed.optimizer,
@@ -372,7 +374,7 @@ def _memory_plan(model, w: Workload, pins: Pins, probe: MemoryProbe, cap: Capaci
         generation_peak_bytes=int(gen.peak), generation_headroom_bytes=int(cap.usable - gen.peak),
         gpu_memory_utilization=gen.utilization, vllm_sleep=w.vllm_sleep if w.engine == "vllm" else None,
         memory_max_tokens=bp.memory_tokens, fastest_tokens=bp.fastest, pinned=pins.names(w.engine),
-        warnings=gen.warnings + bp.warnings,
+        warnings=gen.warnings + bp.warnings, base_params=fixed.base_params, lora_adapter_bytes=fixed.adapter_bytes,
     )
 
 

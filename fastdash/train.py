@@ -78,15 +78,19 @@ def _install_stop_handlers(stop: dict) -> dict:
 
 
 def run_training(cfg: Config, out: Path) -> dict:
+    from fastdash.layout import resolve_layout
+
     stop = {"signum": None}
+    layout = resolve_layout(cfg)  # where and how this rank runs, every auto resolved; bad worlds fail here
     distributed.setup(cfg)  # no-op for one process; torchrun's ranks join one group here
     previous = _install_stop_handlers(stop)
     try:
         if not distributed.is_trainer():  # split placement: this rank only generates
             from fastdash.rollout.split import serve
+            from fastdash.runtime import build_server
 
-            return serve(cfg)
-        result = _run_training(cfg, out, stop)
+            return serve(cfg, *build_server(cfg, layout))
+        result = _run_training(cfg, out, stop, layout)
         if cfg.generation_gpus:
             from fastdash.rollout.split import finish
 
@@ -110,7 +114,7 @@ def run_training(cfg: Config, out: Path) -> dict:
         distributed.teardown()
 
 
-def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
+def _run_training(cfg: Config, out: Path, stop: dict, layout) -> dict:
     from tqdm.auto import tqdm
 
     from fastdash.checkpoint import check_output_dir, resume_if_asked, save_checkpoint, save_final
@@ -118,19 +122,24 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     from fastdash.metrics import PHASES, MetricsLog, plot_run
     from fastdash.rollout.base import stop_engine
     from fastdash.runtime import build_run
+    from fastdash.tracking import Tracking, require_trackers
     from fastdash.trainer import Trainer
 
     t_start = time.perf_counter()
     main = distributed.is_main()  # rank 0 logs, evaluates, plots and writes the final model
+    if main:
+        require_trackers(cfg.report_to)  # a missing tracker fails now, not after the model loaded
     distributed.main_first(lambda: check_output_dir(cfg, out))
-    run = build_run(cfg)
+    run = build_run(cfg, layout=layout)
     if main:
         save_config(cfg, out / "config.yaml")
+        run.layout.save(out)  # layout.json: device, dtype, engine, parallelism, ranks (after any fallback)
         if run.plan is not None:  # none when parallelism=auto found no room for a replica (FSDP then)
             run.plan.log_and_save(str(out))  # memory_plan.json + the table (and any warning) in the log
     trainer = Trainer(cfg, run)
     resumed_from = resume_if_asked(cfg, run, trainer, out)
     metrics_log = MetricsLog(out / "metrics.jsonl", start_step=run.state.step) if main else distributed.NullLog()
+    tracking = Tracking(cfg, out, start_step=run.state.step, enabled=main)  # report_to, log_completions
     evals_path = out / "evals.jsonl"
     evals = []
     if resumed_from and evals_path.exists():  # keep evaluations up to the checkpoint; later ones (and the
@@ -145,6 +154,7 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
             return {}
         e = evaluate(run, step)
         evals.append(e)
+        tracking.log_eval(e)
         with evals_path.open("a") as f:
             f.write(json.dumps(e) + "\n")
         return e
@@ -189,6 +199,7 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
             row["time/step_s"] = time.perf_counter() - t0
             row["samples"] = run.state.samples
             metrics_log.write(row)
+            tracking.log_step(row, trainer.last_batch.samples, run.decode)
             bar.update(1)
             bar.set_postfix(reward=f"{row.get('reward/mean', 0):.3f}", kept=f"{row['filter/kept_fraction']:.2f}")
             if cfg.eval_steps and run.state.step % cfg.eval_steps == 0 and run.state.step < run.total_steps:
@@ -197,6 +208,9 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
                 eval_s += time.perf_counter() - t_eval
             if cfg.save_steps and run.state.step % cfg.save_steps == 0:
                 save_now()
+    except BaseException:
+        tracking.close()  # flush what was logged (TensorBoard buffers events for up to two minutes)
+        raise
     finally:
         trainer.close()  # stops the async generation worker, if one runs
     bar.close()
@@ -204,6 +218,7 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
     t_eval = time.perf_counter()
     after = record_eval(run.state.step)
     eval_s += time.perf_counter() - t_eval
+    tracking.close()
     save_final(cfg, run, trainer, out, checkpoint=saved_step != run.state.step)
     stop_engine(run.engine)  # now, not at exit: an in-process vLLM built its groups in our
     # torch.distributed world, and tears them down with it
@@ -221,6 +236,9 @@ def _run_training(cfg: Config, out: Path, stop: dict) -> dict:
         "eval/problems": len(run.eval_problems), "samples": run.state.samples, "optimizer_steps": run.state.step,
         "time/total_s": time.perf_counter() - t_start, "time/train_s": train_s, "time/eval_s": eval_s, **totals,
         "counters": run.state.counters, "resumed_from": str(resumed_from) if resumed_from else None,
+        "world_size": run.layout.world_size, "trainer_ranks": list(run.layout.trainer_ranks),
+        "generation_ranks": list(run.layout.generation_ranks), "parallelism": run.layout.parallelism,
+        "engine": run.layout.engine,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.plots:
@@ -242,6 +260,19 @@ def report(summary: dict, out: Path) -> None:
     print_table(f"fastdash run finished: {out}", rows)
 
 
+def dry_run_plan(cfg: Config, layout=None):
+    """(model, memory plan, layout) as a real run builds them (`runtime.build_run`): the fp32 master model
+    on the layout's device, planned for the layout's engine and compute dtype (so the plan counts fp32
+    weights and grads and the engine's compute-dtype copy); parallelism=auto may turn to FSDP (no plan)."""
+    from fastdash.layout import resolve_layout
+    from fastdash.runtime import load_policy, plan_run
+
+    layout = resolve_layout(cfg) if layout is None else layout
+    model, _ = load_policy(cfg, layout)
+    plan, layout = plan_run(cfg, model, layout)
+    return model, plan, layout
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -252,23 +283,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from fastdash.runtime import build_plan, pick_device_and_dtype
-        from fastdash.models import load_model_and_tokenizer
-
         print(json.dumps(cfg.to_dict(), indent=2))
-        import torch
-
-        world, gpus = distributed.planned_world(), torch.cuda.device_count() if torch.cuda.is_available() else 0
-        trainers = distributed.planned_world(cfg)  # world less the generation ranks of split placement
         try:
-            distributed.check_world(cfg, world, gpus)
-        except ValueError as e:
+            model, plan, layout = dry_run_plan(cfg)
+        except (ValueError, RuntimeError) as e:  # a world, an engine or a model (check_head) refused
             print(f"error: {e}", file=sys.stderr)
             return 2
-        device, dtype = pick_device_and_dtype(cfg)
-        model, _ = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation)
-        print(distributed.placement(cfg, trainers, gpus, sum(p.numel() for p in model.parameters())))
-        print(build_plan(cfg, model.to(device), device).to_table())
+        print(json.dumps({"layout": layout.to_dict()}, indent=2))
+        print(layout.describe(cfg, sum(p.numel() for p in model.parameters())))
+        print(plan.to_table() if plan is not None else "memory plan: none (FSDP: a full replica does not fit)")
         return 0
     out = make_output_dir(cfg)
     try:

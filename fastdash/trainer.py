@@ -19,6 +19,8 @@ the rest of the step is unchanged (`fastdash.rollout.pipeline` has the schedule)
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from dataclasses import replace
@@ -27,16 +29,20 @@ from typing import Callable
 import torch
 
 from fastdash import distributed, fsdp
-from fastdash.algo import gradient_filter, group_advantages, loss_mask, loss_normaliser, loss_token_weights
+from fastdash.algo import gradient_filter, loss_mask, loss_normaliser, loss_token_weights, multi_reward_advantages
+from fastdash.algo import policy_loss_options
 from fastdash.batch import Completion, Sample, StepBatch
 from fastdash.correction import WeightStats, pg_weights, require_sampler_logps, sampler_old_logps
 from fastdash.forward import compute_autocast
+from fastdash.lora import reference_pass
+from fastdash.loss_masks import MaskStats, policy_weights, step_entropy_threshold
 from fastdash.metrics import global_batch_stats, inference_mismatch
 from fastdash.oom import run_with_oom_backoff
 from fastdash.packing import microbatches
-from fastdash.rewards import score_completions
+from fastdash.rewards.weighted import part_metrics, reward_parts, score_parts
 from fastdash.rollout.base import SamplingParams
 from fastdash.state import PromptSampler, TrainState  # noqa: F401 - re-exported (checkpoints, benchmarks)
+from fastdash.tools.metrics import tool_metrics
 from fastdash_kernels import fused_linear_logprob, fused_policy_loss
 
 log = logging.getLogger("fastdash")
@@ -55,6 +61,8 @@ class Trainer:
         self.pipeline = None  # async_generation: the generation worker, started by the first step
         self.budget = self._initial_budget() if cfg.packing else None
         self.sharded = fsdp.is_sharded(self.model)  # parallelism=fsdp: every rank runs as many forwards
+        # a group's prompt once per packed micro-batch (docs/shared-prompts.md); not yet sharded or LoRA
+        self._share_prompts = cfg.share_prompts is not False and not self.sharded and not cfg.lora_r
 
     def _initial_budget(self) -> int:
         """Pinned budget, else the scheduler's plan, else room for the longest possible sample."""
@@ -70,6 +78,7 @@ class Trainer:
         if self.cfg.async_generation:
             self.submit_ahead()  # rollouts up to step + max_staleness are generating meanwhile
         batch = self.next_batch()
+        self.last_batch = batch  # the completions table (log_completions) reads its samples
         metrics = {**(batch.rollout_metrics or {}), **global_batch_stats(batch.samples),
                    "policy/staleness": self.state.step - batch.policy_version, **self.optimize(batch)}
         self.state.step += 1
@@ -127,6 +136,7 @@ class Trainer:
         if self.pipeline is not None:  # async: the oldest submitted rollout, generated meanwhile
             with self.timer("generate"):
                 request, completions, metrics["async/worker_generate_s"] = self.pipeline.take()
+                self.state.counters["oom_retries"] += request.oom_retries  # the worker's own back-offs
             problems, metrics["rollout/index"] = request.problems, request.index
         else:
             metrics["rollout/index"] = self.state.rollouts
@@ -137,19 +147,33 @@ class Trainer:
         require_sampler_logps(cfg, completions, self.engine.name)
         with self.timer("reward"):
             texts = [self.run.decode(c.completion_ids) for c in completions]
-            rewards, failed = score_completions(self.run.reward_fn, texts, [p for p in problems for _ in range(G)])
+            rows = [p for p in problems for _ in range(G)]
+            if any(c.episode is not None for c in completions):  # tools: rewards see the transcript's messages
+                rows = [{**row, "completion_messages": c.episode.messages} for row, c in zip(rows, completions)]
+                metrics.update(tool_metrics(completions))
+            # [N, K]: each reward function's scores (K = 1 unless reward lists several)
+            scores, failed = score_parts(self.run.reward_fn, texts, rows)
+            _, names, weights = reward_parts(self.run.reward_fn)
             # over every rank's rewards (scale_rewards=batch needs the global std), then this rank's block
-            everyone = distributed.all_gather_rows(torch.tensor(rewards, dtype=torch.float32))
-            lo = distributed.rank() * len(rewards)
-            advantages = group_advantages(everyone, G, cfg.scale_rewards)[lo : lo + len(rewards)]
+            everyone = distributed.all_gather_rows(scores)
+            lo = distributed.rank() * len(completions)
+            advantages = multi_reward_advantages(everyone, weights, G, cfg.scale_rewards,
+                                                 cfg.multi_objective_aggregation)[lo : lo + len(completions)]
+            rewards = (scores * torch.tensor(weights, dtype=torch.float64)).sum(dim=1).tolist()  # weighted sum
+            metrics.update(part_metrics(everyone, names))
         failed, n_samples = (int(v) for v in distributed.sum_floats(failed, len(completions)))
         self.state.counters["reward_failures"] += failed
         samples = [Sample(uid=i, prompt_ids=c.prompt_ids, completion_ids=c.completion_ids, truncated=c.truncated,
-                          reward=r, advantage=a, sampler_logps=c.sampler_logps, policy_version=c.policy_version)
+                          reward=r, advantage=a, sampler_logps=c.sampler_logps, policy_version=c.policy_version,
+                          completion_mask=None if c.completion_mask is None else tuple(c.completion_mask),
+                          messages=None if c.episode is None else c.episode.messages)
                    for i, (c, r, a) in enumerate(zip(completions, rewards, advantages.tolist()))]
         n = shape.train_batch_size // distributed.world_size()  # this rank's share of a step
         batches = [self.step_batch(samples[i : i + n]) for i in range(0, len(samples), n)]
         batches = self.old_and_ref_logps(batches)
+        if cfg.top_entropy_quantile < 1:  # once per step, before its first micro-batch: see fastdash.loss_masks
+            batches = [replace(b, entropy_threshold=step_entropy_threshold(b.kept, cfg.top_entropy_quantile))
+                       for b in batches]
         metrics.update({"reward/failures": failed, "rollout/samples": n_samples,
                         "rollout/engine_calls": shape.engine_calls})
         batches[0] = replace(batches[0], rollout_metrics=metrics)
@@ -233,14 +257,17 @@ class Trainer:
         """The loss mask (empty / truncated), then DASH's gradient filter (|A| > tau, before any
         forward pass), then the step's normaliser over what is left."""
         cfg = self.cfg
-        usable = loss_mask([len(s.completion_ids) for s in samples], [s.truncated for s in samples],
+        usable = loss_mask([s.num_loss_tokens for s in samples], [s.truncated for s in samples],
                            cfg.mask_truncated_completions)
         keep = usable.clone()
         if cfg.gradient_filtering:
             keep &= gradient_filter(torch.tensor([s.advantage for s in samples]), cfg.gradient_filtering_threshold)
         kept = tuple(s for s, k in zip(samples, keep.tolist()) if k)
-        normaliser = loss_normaliser(cfg.loss_type, [len(s.completion_ids) for s in kept],
-                                     [len(s.completion_ids) for s in samples], cfg.max_completion_length)
+        # sampled tokens only: tool / template tokens between turns count in no normaliser
+        # a sum over samples: each rank's share, summed over the trainer ranks (the global normaliser)
+        normaliser, = distributed.sum_floats(loss_normaliser(
+            cfg.loss_type, [s.num_loss_tokens for s in kept],
+            [s.num_loss_tokens for s, u in zip(samples, usable.tolist()) if u], cfg.max_completion_length))
         return StepBatch(tuple(samples), kept, normaliser, masked=int((~usable).sum()))
 
     @torch.no_grad()
@@ -256,22 +283,31 @@ class Trainer:
             passes["old_logps"] = self.model
         if self.cfg.beta > 0:
             passes["ref_logps"] = self.run.ref_model
+        if self.cfg.top_entropy_quantile < 1 and "old_logps" not in passes:
+            passes["entropy"] = self.model  # the policy's entropies, when no old pass gives them
         kept = [s for b in batches for s in b.kept]
         if not passes or not (kept or self.sharded):  # sharded: a rank with none still runs the padding
             return batches
         found: dict[int, dict] = {s.uid: {} for s in kept}
 
-        def logprobs(hidden, weight):
-            return fused_linear_logprob(*self._head_inputs(hidden, weight), mb.targets,
-                                        temperature=self.cfg.temperature, backend=self.cfg.kernel)
+        def logprobs(hidden, weight, entropy=False):
+            out = fused_linear_logprob(*self._head_inputs(hidden, weight), mb.targets, return_entropy=entropy,
+                                       temperature=self.cfg.temperature, backend=self.cfg.kernel)
+            return out if entropy else (out, None)
 
         with self.timer("logprob"):
             for name, model in passes.items():
-                for mb, members in self._microbatches(kept, model=model, fallback=batches[0].samples[0]):
-                    logps = fsdp.head_forward(model, mb, logprobs, self._autocast)
-                    cu = mb.completion_cu_seqlens.tolist()
-                    for j, s in enumerate(members):  # a dummy (FSDP's padding) has no members
-                        found[s.uid][name] = logps[cu[j] : cu[j + 1]].float().cpu()
+                with reference_pass(model) if name == "ref_logps" else contextlib.nullcontext():  # LoRA: base
+                    policy = self.cfg.top_entropy_quantile < 1 and name in ("old_logps", "entropy")
+                    for mb, members in self._microbatches(kept, model=model, fallback=batches[0].samples[0]):
+                        logps, ent = fsdp.head_forward(model, mb, functools.partial(logprobs, entropy=policy),
+                                                       self._autocast)
+                        cu = mb.completion_cu_seqlens.tolist()
+                        for j, s in enumerate(members):  # a dummy (FSDP's padding) has no members
+                            if name != "entropy":
+                                found[s.uid][name] = logps[cu[j] : cu[j + 1]].float().cpu()
+                            if ent is not None:
+                                found[s.uid]["entropy"] = ent[cu[j] : cu[j + 1]].float().cpu()
             fsdp.reshard_all(self.model)  # FSDP's root keeps its gathered weights after a no-grad forward
         return [replace(b, kept=tuple(replace(s, **found[s.uid]) for s in b.kept)) for b in batches]
 
@@ -301,6 +337,8 @@ class Trainer:
             metrics.update(self._optimizer_step())
         with self.timer("sync"):  # sharded (FSDP): a collective, the engine gathers what it needs
             self.engine.sync_weights(self.model)
+        if getattr(self.engine, "sync_bytes", None) is not None:  # LoRA: the adapters' bytes only
+            metrics["sync/bytes"] = self.engine.sync_bytes
         return metrics
 
     def _microbatches(self, samples: list[Sample], budget: int | None = None, *, fallback: Sample, model=None):
@@ -309,7 +347,7 @@ class Trainer:
         def make(part):
             return microbatches(part, budget=(budget or self.budget) if self.cfg.packing else None,
                                 micro_batch_size=self.cfg.micro_batch_size, pad_id=self.run.pad_id,
-                                device=self.run.device)
+                                device=self.run.device, share_prompts=self._share_prompts)
 
         mbs = make(samples)
         missing = fsdp.pad_count(len(mbs)) - len(mbs) if self.sharded and model in (None, self.model) else 0
@@ -333,17 +371,21 @@ class Trainer:
         """Forward + backward of every micro-batch; gradients accumulate into .grad."""
         self.run.optimizer.zero_grad(set_to_none=True)  # a retried attempt starts clean
         cfg, n_mb, n_pad, tokens, pad, real = self.cfg, 0, 0, 0, 0, 0
-        loss_sum = clip_sum = kl_sum = torch.zeros((), device=self.run.device)  # on device: no sync per micro-batch
+        loss_sum = torch.zeros((), device=self.run.device)  # on device: no sync per micro-batch
+        token_sums = {}  # the kernel's token-mean metrics (clip fractions, KL, entropy) x tokens, on device
         pairs = []  # (trainer log-probs, engine log-probs) per sample, for the train/inference mismatch
-        is_stats = WeightStats(cfg.rollout_is_cap)  # rollout correction's weights, when on
+        is_stats, mask_stats = WeightStats(cfg.rollout_is_cap), MaskStats()  # rollout correction's weights, masks
 
         def policy_loss(hidden, weight):
             return fused_policy_loss(
                 *self._head_inputs(hidden, weight), mb.targets, mb.completion_cu_seqlens, mb.advantages,
                 token_weights=loss_token_weights(cfg.loss_type, mb.completion_cu_seqlens, batch.normaliser,
                                                  num_tokens=mb.targets.numel()),
-                old_logps=mb.old_logps, ref_logps=mb.ref_logps, pg_weights=pg_weights(cfg, mb, is_stats),
-                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                old_logps=mb.old_logps, ref_logps=mb.ref_logps,
+                return_entropy=cfg.kernel not in ("cce", "liger"),  # free in the same pass elsewhere, not there
+                pg_weights=policy_weights(cfg, mb, members, batch.entropy_threshold, pg_weights(cfg, mb, is_stats),
+                                          mask_stats),
+                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, **policy_loss_options(cfg),
                 beta=cfg.beta, kl_estimator=cfg.kl_estimator, temperature=cfg.temperature, backend=cfg.kernel)
 
         for mb, members in self._microbatches(list(batch.kept), budget, fallback=batch.samples[0]):
@@ -355,21 +397,27 @@ class Trainer:
             out.loss.backward()
             n_tok = mb.targets.numel()
             loss_sum = loss_sum + out.loss.detach()
-            clip_sum = clip_sum + out.metrics.get("clip_fraction", 0.0) * n_tok
-            kl_sum = kl_sum + out.metrics.get("kl_mean", 0.0) * n_tok
+            for key, value in out.metrics.items():
+                token_sums[key] = token_sums.get(key, 0.0) + value * n_tok
             tokens, n_mb = tokens + n_tok, n_mb + 1
             pad, real = pad + mb.meta.get("padding_tokens", 0), real + mb.meta.get("real_tokens", 0)
             if members[0].sampler_logps is not None:
                 cu = mb.completion_cu_seqlens.tolist()
                 pairs += [(out.logps[cu[j] : cu[j + 1]], s.sampler_logps) for j, s in enumerate(members)]
-        stats = {"loss": float(loss_sum), "microbatches": n_mb, "clip_fraction": float(clip_sum) / max(tokens, 1),
+        means = {key: float(v) / max(tokens, 1) for key, v in token_sums.items()}
+        stats = {"loss": float(loss_sum), "microbatches": n_mb, "clip_fraction": means.get("clip_fraction", 0.0),
                  "tokens/loss": tokens, "tokens/padding": pad, "tokens/real": real,
                  **({"fsdp/padding_microbatches": n_pad} if self.sharded else {})}
+        for key, name in (("clip_low_fraction", "clip/low_fraction"), ("clip_high_fraction", "clip/high_fraction"),
+                          ("clip_delta_fraction", "clip/delta_fraction"), ("entropy_mean", "entropy/mean")):
+            if key in means:
+                stats[name] = means[key]
         if cfg.beta > 0:
-            stats["kl"] = float(kl_sum) / max(tokens, 1)
+            stats["kl"] = means.get("kl_mean", 0.0)
         if pairs:
             stats.update(inference_mismatch(*zip(*pairs)))
         stats.update(is_stats.metrics())
+        stats.update(mask_stats.metrics())
         return stats
 
     def _optimizer_step(self) -> dict:

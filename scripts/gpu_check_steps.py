@@ -1,8 +1,8 @@
-"""Steps 2-5 and 8 of scripts/gpu_check.py: kernels, kernel speed, packed attention, the scheduler's
-plan, static-shape decode.
+"""The kernels, speed, attention, scheduler and static steps of scripts/gpu_check.py: kernel
+correctness, kernel speed, packed attention, the scheduler's plan, static-shape decode.
 
 Each step is `fn(size) -> dict` with "ok" (True / False / None = nothing to judge) and its figures;
-`size` is gpu_check.SIZES["gpu" | "dry"]. Tolerances are derived from magnitudes: a bf16 result
+`size` is gpu_check.sizes(dry). Tolerances are derived from magnitudes: a bf16 result
 may be off by a few of its own ulps at the largest reference value, an fp32 accumulation over H
 terms by ~H fp32 ulps of the largest term.
 """
@@ -41,7 +41,7 @@ def _max_err(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float((a.float() - ref.float()).abs().max()), float(ref.float().abs().max())
 
 
-# ------------------------------------------------------------------ step 2: kernel correctness ---
+# ------------------------------------------------------------------ kernels: correctness -------
 def _case(n_lengths: list[int], H: int, V: int, peaked: bool, dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
     N = sum(n_lengths)
@@ -104,7 +104,7 @@ def kernel_correctness(size: dict) -> dict:
             "lengths": size["lengths"], "vocab": V, "dtype": str(dtype)}
 
 
-# ------------------------------------------------------------------ step 3: kernel speed --------
+# ------------------------------------------------------------------ speed ----------------------
 def _timed(fn, reps: int) -> float:
     """Median seconds of fn() (CUDA events on GPU)."""
     fn()
@@ -172,7 +172,7 @@ def _free_bytes() -> int:
     return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 8 * 2**30
 
 
-# ------------------------------------------------------------------ step 4: packed attention ----
+# ------------------------------------------------------------------ attention ------------------
 def packed_attention(size: dict) -> dict:
     """varlen attention vs per-sequence sdpa (fwd, dq, dk, dv; GQA), then packed forward_hidden vs
     per sample on a random model, and one sample's change leaving the others bit-identical."""
@@ -250,7 +250,7 @@ def _packed_vs_per_sample(size: dict) -> dict:
             "preset": size["preset"]}
 
 
-# ------------------------------------------------------------------ step 5: the scheduler -------
+# ------------------------------------------------------------------ scheduler ------------------
 def scheduler_plan(size: dict) -> dict:
     """The plan for the size's workload; one real micro-batch at the planned budget (predicted vs
     measured peak); twice the budget through the OOM back-off (it must back off, not crash)."""
@@ -298,7 +298,7 @@ def scheduler_plan(size: dict) -> dict:
             "twice_budget": {"backoffs": backoffs, "crashed": crashed}, "plan": plan.to_dict(), "workload": w}
 
 
-# ------------------------------------------------------------------ step 8: static decode -------
+# ------------------------------------------------------------------ static decode --------------
 def static_decode(size: dict) -> dict:
     """The HF engine's compacting loop vs its static-shape loop (torch.compile per bucket; on CUDA
     inductor with CUDA graphs) on one forced-length workload: tokens/s of a second call, the first

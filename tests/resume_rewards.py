@@ -5,6 +5,18 @@ train; the parity of the completion's digit sum varies across samples, so every 
 """
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import torch
+
 
 def digit_parity(completion: str, answer: str, **_) -> float:
     return float(sum(int(c) for c in completion if c.isdigit()) % 2)
+
+
+def noisy_digit_parity(completion: str, answer: str, **_) -> float:
+    """digit_parity plus noise from the global RNGs (python, numpy, torch), as a user's reward may draw:
+    a resumed run that did not restore them would score, and so train, differently."""
+    noise = random.random() + float(np.random.rand()) + float(torch.rand(()))
+    return digit_parity(completion, answer) + 0.1 * noise

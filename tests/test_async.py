@@ -1,5 +1,6 @@
 """Pipelined generation one step off policy (async_generation): the schedule, the bookkeeping of policy
-versions, exactness at max_staleness 0, and kill -9 / resume (every step trained once, bit for bit)."""
+versions, the weights the worker generates with, the rollout correction of stale samples, exactness at
+max_staleness 0, and kill -9 / resume (every step trained once, bit for bit)."""
 from __future__ import annotations
 
 import re
@@ -12,28 +13,82 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastdash.trainer as trainer_mod
 from fastdash.config import Config, load_config
-from fastdash.distributed import check_world
+from fastdash.layout import resolve_layout
 from fastdash.runtime import build_run
 from fastdash.trainer import Trainer
 from tests.conftest import tiny_config
 from tests.test_resume import complete, finish, start, steps, untimed
 
 STEPS = 4
+EPS32 = torch.finfo(torch.float32).eps
 
 
-def _train(**overrides):
-    """STEPS optimizer steps in-process; per step the trained samples' (rollout, versions), and the weights."""
+def _params(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class Spy:
+    """What an async run did, recorded without changing what it computes: the trainer's weights after
+    every step (`versions[v]`: after v optimizer steps), each rollout's engine calls as submitted, the
+    step batch each step trained, and per loss call the samples, the current log-probs and the rollout
+    correction weights the kernel used."""
+
+    def __init__(self, trainer, run):
+        from fastdash.rollout.pipeline import GenerationPipeline
+
+        self.cfg, self.run = trainer.cfg, run
+        self.versions, self.calls, self.batches, self.losses = {0: _params(run.model)}, {}, {}, []
+        trainer.pipeline = GenerationPipeline.for_run(trainer.cfg, run)
+        submit, microbatches, members = trainer.pipeline.submit, trainer._microbatches, []
+
+        def spy_submit(index, version, problems, calls):
+            self.calls[index] = (version, calls)
+            return submit(index, version, problems, calls)
+
+        def spy_microbatches(*a, **k):
+            for mb, m in microbatches(*a, **k):
+                members.append(m)
+                yield mb, m
+
+        def spy_loss(*a, **k):
+            w, seen = k.get("pg_weights"), {}
+            if callable(w):
+                k["pg_weights"] = lambda logps: seen.setdefault("w", w(logps))
+            out = self.real_loss(*a, **k)
+            used = seen.get("w", w if torch.is_tensor(w) else torch.ones_like(out.logps))
+            self.losses.append((trainer.state.step, members[-1], out.logps.detach().clone(), used.detach().clone()))
+            return out
+
+        trainer.pipeline.submit, trainer._microbatches = spy_submit, spy_microbatches
+        self.real_loss, trainer_mod.fused_policy_loss = trainer_mod.fused_policy_loss, spy_loss
+
+    def after_step(self, step: int, batch, model) -> None:
+        self.batches[step] = batch
+        self.versions[step + 1] = _params(model)
+
+    def close(self) -> None:
+        trainer_mod.fused_policy_loss = self.real_loss
+
+
+def _train(spy: bool = False, **overrides):
+    """STEPS optimizer steps in-process; per step the trained samples' (rollout, versions), and the weights
+    (and with `spy`, a `Spy` of the run)."""
     cfg = tiny_config(max_steps=STEPS, num_threads=1, gradient_filtering=False,
                       reward="tests.resume_rewards:digit_parity", **overrides)  # mixed rewards: the weights move
     run = build_run(cfg, with_plan=False)
     start = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     trainer, trained = Trainer(cfg, run), []
+    spied = Spy(trainer, run) if spy else None
     optimize = trainer.optimize
 
     def record(batch):
         trained.append((trainer.state.step, {s.policy_version for s in batch.samples}))
-        return optimize(batch)
+        out = optimize(batch)
+        if spied:
+            spied.after_step(trainer.state.step, batch, run.model)
+        return out
 
     trainer.optimize = record
     rows = []
@@ -42,13 +97,22 @@ def _train(**overrides):
             rows.append(trainer.step())
     finally:
         trainer.close()
+        if spied:
+            spied.close()
     assert not all(torch.equal(start[k], v) for k, v in run.model.state_dict().items()), "training moved nothing"
-    return trained, rows, {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    return (trained, rows, weights, spied) if spy else (trained, rows, weights)
 
 
 @pytest.fixture(scope="module")
 def sync_run():
     return _train()
+
+
+@pytest.fixture(scope="module")
+def off_policy_run():
+    """max_staleness 1 with tis, recorded by a `Spy`."""
+    return _train(spy=True, async_generation=True, max_staleness=1, rollout_correction="tis")
 
 
 def test_max_staleness_zero_is_the_synchronous_trainer_bit_for_bit(sync_run):
@@ -60,8 +124,8 @@ def test_max_staleness_zero_is_the_synchronous_trainer_bit_for_bit(sync_run):
         assert a["reward/mean"] == b["reward/mean"] and a["loss"] == b["loss"]
 
 
-def test_one_step_off_policy_versions_and_staleness(sync_run):
-    trained, rows, weights = _train(async_generation=True, max_staleness=1, rollout_correction="tis")
+def test_one_step_off_policy_versions_and_staleness(sync_run, off_policy_run):
+    trained, rows, weights, _ = off_policy_run
     # rollout r is generated by the weights of step max(0, r - 1) and trained at step r: staleness min(r, 1)
     assert trained == [(n, {max(0, n - 1)}) for n in range(STEPS)]
     assert [r["policy/staleness"] for r in rows] == [0] + [1] * (STEPS - 1)
@@ -70,6 +134,57 @@ def test_one_step_off_policy_versions_and_staleness(sync_run):
     assert "rollout_is/weight_mean" in rows[-1]  # stale samples are importance-weighted
     assert rows[0]["reward/mean"] == sync_run[1][0]["reward/mean"]  # rollout 0: the same weights, same samples
     assert not all(torch.equal(weights[k], sync_run[2][k]) for k in weights), "off-policy run equals the sync one"
+
+
+def test_the_worker_generates_each_rollout_with_the_weights_of_its_version(off_policy_run, request):
+    """Rollout r, regenerated here (its engine calls, same seeds) from the trainer's weights after
+    max(0, r - 1) steps, gives the worker's completions and log-probs bit for bit. Not vacuous: the
+    weights one version off give other log-probs."""
+    from fastdash.rollout.pipeline import _build
+
+    *_, spy = off_policy_run
+    cfg, run = spy.cfg, spy.run
+    threads = torch.get_num_threads()  # _build sets the worker's thread count (same sums as the worker)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    engine, model = _build(dict(model=cfg.model, attn_implementation=cfg.attn_implementation, seed=cfg.seed,
+                                threads=cfg.async_engine_threads, compute_dtype=run.compute_dtype,
+                                device=str(run.device), concurrency=None, hf_decode=cfg.hf_decode))
+
+    def regenerate(r: int, version: int) -> list:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(spy.versions[version][name])
+        engine.sync_weights(model)
+        return [(c.completion_ids, c.truncated, c.sampler_logps)
+                for prompts, n, params in spy.calls[r][1] for c in engine.generate(prompts, n, params)]
+
+    assert sorted(spy.calls) == list(range(STEPS))
+    worker = {r: [(s.completion_ids, s.truncated, s.sampler_logps) for s in spy.batches[r].samples]
+              for r in range(STEPS)}
+    for r in range(STEPS):
+        assert spy.calls[r][0] == max(0, r - 1)
+        assert regenerate(r, max(0, r - 1)) == worker[r], f"rollout {r} was not generated by version {max(0, r - 1)}"
+    for r, other in ((2, 0), (2, 2), (3, 1)):  # slot 0's or the next version: the comparison sees it
+        assert [x[2] for x in regenerate(r, other)] != [x[2] for x in worker[r]]
+
+
+def test_stale_samples_are_weighted_against_the_current_policy(off_policy_run):
+    """Async, K = 1 (no old-log-prob pass): the tis weights every loss call used are
+    min(pi_train / pi_sampler, C), pi_train the trainer's current log-probs, against a float64 reference
+    (one fp32 rounding); at the stale steps they are not 1."""
+    *_, spy = off_policy_run
+    cap, moved = spy.cfg.rollout_is_cap, {}
+    for step, members, logps, used in spy.losses:
+        # the engine's float64 log-probs travel as the micro-batch's fp32 (MicroBatch.sampler_logps)
+        sampler = torch.tensor([x for s in members for x in s.sampler_logps], dtype=torch.float32).double()
+        ref = torch.exp(logps.double() - sampler).clamp(max=cap)
+        assert used.shape == ref.shape
+        assert float((used.double() - ref).abs().max()) <= EPS32 * float(ref.abs().max()), f"step {step}"
+        moved[step] = max(moved.get(step, 0.0), float((ref - 1).abs().max()))
+    assert sorted(moved) == list(range(STEPS))  # every step's loss calls were seen
+    assert all(sum(int(u.numel()) for st, _, _, u in spy.losses if st == step)
+               == sum(len(s.completion_ids) for s in spy.batches[step].kept) for step in range(STEPS))
+    assert all(moved[step] > 100 * EPS32 for step in range(1, STEPS)), moved  # not vacuous: w != 1
 
 
 def test_a_batch_staler_than_allowed_is_dropped_and_counted(scripted_run):
@@ -98,9 +213,10 @@ def test_bad_async_configs_name_the_key(overrides, key):
 def test_async_refuses_sharded_and_split_ranks(extra):
     cfg = Config(async_generation=True, rollout_correction="tis", train_batch_size=16, generation_batch_size=16,
                  **extra)
+    cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="config: async_generation=true with"):
-        check_world(cfg, 2, 0)
-    check_world(replace(cfg, parallelism="ddp", generation_gpus=0), 2, 0)  # DDP replicas: a worker each
+        resolve_layout(cfg, world=2, cuda_devices=0, device=cpu)
+    resolve_layout(replace(cfg, parallelism="ddp", generation_gpus=0), world=2, cuda_devices=0, device=cpu)
 
 
 @pytest.mark.slow

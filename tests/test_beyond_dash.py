@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdash.trainer as trainer_mod
-from fastdash.algo import LOSS_TYPES
+from fastdash.algo import CLIP_LOSS_TYPES
 from fastdash.trainer import Trainer
 from tests.conftest import ScriptedEngine, sgd
 
@@ -55,7 +55,8 @@ def _assert_equal(a, b):
 
 
 @pytest.mark.parametrize("loss_type,correction,level",
-                         [(t, "tis", "token") for t in LOSS_TYPES] + [("grpo", "mis", "token"), ("dapo", "mis", "sequence")])
+                         [(t, "tis", "token") for t in CLIP_LOSS_TYPES]
+                         + [("grpo", "mis", "token"), ("dapo", "mis", "sequence")])
 def test_identical_logps_leave_the_update_unchanged_bit_for_bit(scripted_run, loss_type, correction, level):
     """Multi (K = 2, old pass on): sampler log-probs set to the trainer's old log-probs give weights of
     exactly 1 and the very update of rollout_correction=none, for every loss type."""

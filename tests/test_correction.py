@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
-from fastdash.algo import LOSS_TYPES, loss_token_weights
+from fastdash.algo import CLIP_LOSS_TYPES, loss_token_weights
 from fastdash.correction import WeightStats, log_ratios, rollout_is_weights
 from fastdash_kernels import fused_policy_loss
 from fastdash_kernels.reference import logprob_reference
@@ -151,7 +152,7 @@ def _with_liger():
 
 
 @pytest.mark.parametrize("backend", _with_liger())
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIP_LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.0, 0.05])
 @pytest.mark.parametrize("form", ["tensor", "function"])
 def test_pg_weights_match_a_hand_written_float64_loss(backend, loss_type, beta, form):
@@ -187,7 +188,7 @@ def test_pg_weights_match_a_hand_written_float64_loss(backend, loss_type, beta, 
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIP_LOSS_TYPES)
 @pytest.mark.parametrize("with_old", [False, True], ids=["K1", "Kgt1"])
 @pytest.mark.parametrize("grad_in_forward", [True, False], ids=["eager", "recompute"])
 def test_unit_weights_change_nothing_bit_for_bit(backend, loss_type, with_old, grad_in_forward):
@@ -210,3 +211,54 @@ def test_pg_weights_shape_is_checked():
     with pytest.raises(ValueError, match=r"pg_weights must be \[N\]"):
         fused_policy_loss(x, w, y, cu, adv, token_weights=loss_token_weights("bnpo", cu, 1.0),
                           pg_weights=torch.ones(3), backend="torch")
+
+
+# ------------------------------------------------------------------ in the trainer, K = 1 ------------
+# num_iterations 1 (the default on-policy step), and old_logprobs=sampler: no old-log-prob pass, the
+# weights are a function of the current log-probs (the path async generation takes too).
+NO_OLD_PASS = [dict(), dict(num_iterations=2, old_logprobs="sampler")]
+
+
+@pytest.mark.parametrize("shape", NO_OLD_PASS, ids=["K1", "K2-old_logprobs=sampler"])
+def test_correction_moves_the_update_without_an_old_logprob_pass(scripted_run, shape):
+    """The K = 1 twin of test_beyond_dash's test: made-up sampler log-probs, mis masks part of the
+    tokens, and the update differs from rollout_correction=none's."""
+    from fastdash.trainer import Trainer
+    from tests.test_beyond_dash import _make, _step_delta
+
+    deltas, metrics = [], None
+    for mode in ("none", "mis"):
+        cfg, run = _make(scripted_run, rollout_correction=mode, rollout_is_cap=3.0, **shape)
+        delta, metrics = _step_delta(Trainer(cfg, run), run)
+        deltas.append(delta)
+    assert 0 < metrics["rollout_is/masked_fraction"] < 1 and metrics["rollout_is/weight_max"] <= 3.0
+    assert any(not torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0]), "the correction changed nothing"
+
+
+def test_k1_mis_drops_exactly_the_mismatched_samples(scripted_run):
+    """K = 1, mis: sampler log-probs equal to the trainer's current ones for even samples (w = 1 exactly)
+    and 2 nats below them for odd ones (rho = e^2 > C: w = 0). The update is bit for bit that of
+    rollout_correction=none with the odd samples' advantages set to 0 (their policy-gradient term gone,
+    the normaliser unchanged), and the statistics count exactly the odd samples' tokens."""
+    from fastdash.trainer import Trainer
+    from tests.test_beyond_dash import _make, _record_current_logps, _step_delta
+
+    table, _ = _record_current_logps(scripted_run, loss_type="grpo")
+    odd = sum(len(v) for u, v in table.items() if u % 2)
+    assert odd and len(table) == 16 and odd < sum(len(v) for v in table.values())
+    full = [[x - 2.0 * (u % 2) for x in table[u]] for u in range(16)]
+    cfg, run = _make(scripted_run, table=full, loss_type="grpo", rollout_correction="mis", rollout_is_cap=3.0)
+    delta, metrics = _step_delta(Trainer(cfg, run), run)
+    tokens = sum(len(v) for v in table.values())
+    assert metrics["rollout_is/masked_fraction"] == odd / tokens
+    assert metrics["rollout_is/weight_max"] == 1.0 and metrics["rollout_is/weight_mean"] == (tokens - odd) / tokens
+
+    cfg, run = _make(scripted_run, loss_type="grpo")
+    trainer = Trainer(cfg, run)
+    trainer.rollout()
+    trainer.buffer = [replace(b, kept=tuple(replace(s, advantage=0.0) if s.uid % 2 else s for s in b.kept))
+                      for b in trainer.buffer]
+    want, _ = _step_delta(trainer, run)
+    assert max(float(v.abs().max()) for v in want.values()) > 1e-4, "the step changed nothing"
+    unequal = [k for k in want if not torch.equal(want[k], delta[k])]
+    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"

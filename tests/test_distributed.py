@@ -332,30 +332,30 @@ def test_a_killed_rank_ends_the_survivor_naming_it(tmp_path, parallelism):
 
 # ---------------------------------------------------------------- refused at start ---------------
 def test_bad_combinations_fail_at_start_naming_the_key():
-    from fastdash import distributed
     from fastdash.config import Config
+    from fastdash.layout import check_world, resolve_parallelism
 
     with pytest.raises(ValueError, match="train_batch_size=16: must be a multiple of trainer ranks x num_generations = 3 x 4"):
-        distributed.check_world(Config(train_batch_size=16, generation_batch_size=16), 3, 0)
-    distributed.check_world(Config(parallelism="fsdp"), 2, 0)  # FSDP2 runs on CPU (gloo)
-    assert distributed.resolve_parallelism(Config(parallelism="fsdp"), 1) == "ddp"  # nothing to shard alone
-    assert distributed.resolve_parallelism(Config(parallelism="fsdp"), 2) == "fsdp"
-    assert distributed.resolve_parallelism(Config(), 2) == "ddp"
-    distributed.check_world(Config(generation_gpus=1, engine="vllm"), 2, 4)  # split: 1 trainer + 1 engine
-    distributed.check_world(Config(generation_gpus=1), 3, 0)  # 2 trainers share an HF engine rank, on CPU
+        check_world(Config(train_batch_size=16, generation_batch_size=16), 3, 0)
+    check_world(Config(parallelism="fsdp"), 2, 0)  # FSDP2 runs on CPU (gloo)
+    assert resolve_parallelism(Config(parallelism="fsdp"), 1) == "ddp"  # nothing to shard alone
+    assert resolve_parallelism(Config(parallelism="fsdp"), 2) == "fsdp"
+    assert resolve_parallelism(Config(), 2) == "ddp"
+    check_world(Config(generation_gpus=1, engine="vllm"), 2, 4)  # split: 1 trainer + 1 engine
+    check_world(Config(generation_gpus=1), 3, 0)  # 2 trainers share an HF engine rank, on CPU
     with pytest.raises(ValueError, match="generation_gpus=2: the world has 2 rank.* at least one must train"):
-        distributed.check_world(Config(generation_gpus=2, engine="vllm"), 2, 2)
+        check_world(Config(generation_gpus=2, engine="vllm"), 2, 2)
     with pytest.raises(ValueError, match="generation_gpus=2 is more than the 1 trainer rank"):
-        distributed.check_world(Config(generation_gpus=2, train_batch_size=16), 3, 0)
+        check_world(Config(generation_gpus=2, train_batch_size=16), 3, 0)
     with pytest.raises(ValueError, match="multiple of trainer ranks x num_generations = 2 x 4"):
-        distributed.check_world(Config(generation_gpus=1, train_batch_size=12, generation_batch_size=12), 3, 0)
+        check_world(Config(generation_gpus=1, train_batch_size=12, generation_batch_size=12), 3, 0)
     with pytest.raises(ValueError, match="every rank on its own GPU, but 4 ranks share this node's 2 GPU"):
-        distributed.check_world(Config(generation_gpus=1), 4, 2)
+        check_world(Config(generation_gpus=1), 4, 2)
     with pytest.raises(ValueError, match="parallelism"):
         Config(parallelism="zero3")
     with pytest.raises(ValueError, match="dist_timeout_s"):
         Config(dist_timeout_s=0)
-    distributed.check_world(Config(), 2, 0)  # the default run splits over 2 ranks
+    check_world(Config(), 2, 0)  # the default run splits over 2 ranks
 
 
 def test_a_rank_draws_the_one_process_samples():

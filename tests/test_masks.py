@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdash.batch import Completion
+from fastdash.batch import Completion, Sample
+from fastdash.rollout.base import SamplingParams
 from fastdash.runtime import build_run
 from fastdash.trainer import Trainer
 from tests.conftest import FakeEngine, sgd, tiny_config
@@ -113,3 +114,33 @@ def test_an_empty_completion_trains_like_a_masked_one():
     gap, scale, tol = update_gap({"third": "empty"}, {"third": "truncated"}, loss_type="grpo",
                                  mask_truncated_completions=True, gradient_filtering=False)
     assert scale > 0 and gap <= tol, f"an empty completion changed the update by {gap:.3g} > {tol:.3g}"
+
+
+def test_dapo_normaliser_counts_only_unmasked_tokens_like_trl():
+    # TRL's dapo divides by num_items_in_batch, counted after mask_truncated_completions zeroes the truncated
+    # completions' mask; filtered samples (DASH) still count. Here the filter is off, nothing is empty, so
+    # every unmasked sample is kept: dapo's normaliser is bnpo's and the two updates must be one.
+    _, w0, w_dapo = one_step({}, loss_type="dapo", mask_truncated_completions=True, gradient_filtering=False)
+    _, _, w_bnpo = one_step({}, loss_type="bnpo", mask_truncated_completions=True, gradient_filtering=False)
+    d_dapo, d_bnpo = w_dapo - w0, w_bnpo - w0
+    scale = float(d_bnpo.abs().max())
+    tol = 8 * EPS32 * (8 * (16 + MAX_LEN)) ** 0.5 * scale  # as update_gap: fp32 rounding of the token sums
+    assert scale > 0
+    assert float((d_dapo - d_bnpo).abs().max()) <= tol, \
+        f"dapo's update is {float(d_dapo.norm() / d_bnpo.norm()):.4g} x bnpo's: masked tokens in its normaliser"
+
+
+def test_dapo_normaliser_is_trls_num_items_in_batch():
+    # Filter on: the step's normaliser itself, against TRL's count (dapo's update above is one check of it)
+    cfg = tiny_config(max_completion_length=MAX_LEN, num_generations=4, train_batch_size=8, generation_batch_size=8,
+                      loss_type="dapo", mask_truncated_completions=True, gradient_filtering=True,
+                      gradient_filtering_threshold=0.6)
+    run = build_run(cfg, with_plan=False)
+    engine = GroupEngine(run.tokenizer)
+    completions = engine.generate([[5, 6], [7, 8]], 4, SamplingParams(max_tokens=MAX_LEN))
+    samples = [Sample(uid=i, prompt_ids=c.prompt_ids, completion_ids=c.completion_ids, truncated=c.truncated,
+                      advantage=a) for i, (c, a) in enumerate(zip(completions, [0.9, 0.5, -0.5, -0.9] * 2))]
+    batch = Trainer(cfg, run).step_batch(samples)
+    # TRL: the completion tokens of the samples that are not truncated, filtered ones (|A| = 0.5) included
+    assert batch.normaliser == sum(len(c.completion_ids) for c in completions if not c.truncated)
+    assert len(batch.kept) == 2  # the filter dropped four, the mask the two truncated |A| = 0.9 ones

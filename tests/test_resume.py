@@ -28,6 +28,7 @@ ARGS = ["model=random:tiny", "reward=tests.resume_rewards:digit_parity", "num_th
         "train_batch_size=16", "generation_batch_size=16", "max_completion_length=6", "num_train_problems=200",
         "num_eval_problems=10", "eval_steps=3", "save_steps=2", "save_total_limit=2", "plots=false",
         "max_tokens_per_microbatch=64", "learning_rate=1e-3"]
+NOISY = "reward=tests.resume_rewards:noisy_digit_parity"  # reads the global RNGs (tests/test_rng_resume.py)
 
 RUNNER = r"""
 import os, signal, sys
@@ -109,22 +110,23 @@ def untimed(out: Path, name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The uninterrupted run (in parallel) and one run killed four times, resumed after each kill."""
+    """The uninterrupted run (in parallel) and one run killed four times, resumed after each kill. The
+    reward draws from the global RNGs (python, numpy, torch): a resume must restore them too."""
     ref_dir, out = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("killed")
-    ref = start(ref_dir)
+    ref = start(ref_dir, None, NOISY)
     logs = {}
 
-    logs["generate"] = finish(start(out, "generate:3"), -signal.SIGKILL)
+    logs["generate"] = finish(start(out, "generate:3", NOISY), -signal.SIGKILL)
     assert complete(out) == ["checkpoint-2"] and steps(out) == [1, 2]
 
-    logs["term"] = finish(start(out, "term:3", "resume=auto"), 128 + signal.SIGTERM)
+    logs["term"] = finish(start(out, "term:3", NOISY, "resume=auto"), 128 + signal.SIGTERM)
     assert "stopped by SIGTERM after step 3" in logs["term"] and "resume=auto" in logs["term"]
     assert complete(out) == ["checkpoint-2", "checkpoint-3"] and steps(out) == [1, 2, 3]  # 3: the signal's save
 
-    logs["backward"] = finish(start(out, "backward:5", "resume=auto"), -signal.SIGKILL)
+    logs["backward"] = finish(start(out, "backward:5", NOISY, "resume=auto"), -signal.SIGKILL)
     assert complete(out) == ["checkpoint-3", "checkpoint-4"] and steps(out) == [1, 2, 3, 4]
 
-    logs["save"] = finish(start(out, "save:6", "resume=auto"), -signal.SIGKILL)
+    logs["save"] = finish(start(out, "save:6", NOISY, "resume=auto"), -signal.SIGKILL)
     partial = list(out.glob(".checkpoint-6.tmp-*"))
     assert len(partial) == 1 and (partial[0] / "model.safetensors").exists()
     assert not (partial[0] / "COMPLETE").exists() and complete(out) == ["checkpoint-3", "checkpoint-4"]
@@ -136,7 +138,7 @@ def runs(tmp_path_factory):
     blob = (out / "checkpoint-5" / "trainer_state.pt").read_bytes()
     (out / "checkpoint-5" / "trainer_state.pt").write_bytes(blob[: len(blob) // 2])
 
-    logs["final"] = finish(start(out, None, "resume=auto"), 0)
+    logs["final"] = finish(start(out, None, NOISY, "resume=auto"), 0)
     logs["ref"] = finish(ref, 0)
     return ref_dir, out, logs
 

@@ -5,10 +5,11 @@ import logging
 
 from fastdash.data.arithmetic import make_problems
 from fastdash.data.chat import prompt_key, render_prompt
+from fastdash.data.multiplication import make_problems as make_multiplication
 from fastdash.data.word_problems import make_word_problems
 
 __all__ = ["load_task", "prompt_key", "render_prompt"]
-BUILTIN = {"arithmetic": make_problems, "arithmetic_chat": make_word_problems}
+BUILTIN = {"arithmetic": make_problems, "arithmetic_chat": make_word_problems, "multiplication": make_multiplication}
 
 log = logging.getLogger("fastdash")
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 from fastdash.rewards.code import code_reward
 from fastdash.rewards.math import arithmetic_reward, gsm8k_reward, math_reward
+from fastdash.rewards.tools import final_answer_reward
 
 logger = logging.getLogger("fastdash")
 
@@ -26,6 +27,7 @@ REWARDS: dict[str, RewardFn] = {
     "gsm8k": gsm8k_reward,
     "arithmetic": arithmetic_reward,
     "code": code_reward,
+    "final_answer": final_answer_reward,  # tools: the text after the last tool response
 }
 
 
@@ -133,6 +135,7 @@ def score_completions(
     return rewards, sum(failures.values())
 
 
+# WeightedReward / build_reward (several functions, weighted): fastdash.rewards.weighted, which imports this
 __all__ = [
     "REWARDS",
     "get_reward_fn",

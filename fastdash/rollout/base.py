@@ -13,6 +13,9 @@ import torch
 
 from fastdash.batch import Completion
 
+ENGINES = ("auto", "hf", "vllm")  # engine=auto: `fastdash.rollout.resolve_engine`
+HF_DECODES = ("auto", "compact", "static", "generate")  # the HF engine's decode loop (rollout/hf.py)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

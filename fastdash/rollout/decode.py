@@ -4,7 +4,9 @@
 long-tailed lengths a 64-row batch then spends ~3x the row-steps of the tokens it keeps. Here:
 
 - prefill a group of prompts (left padded, lm_head on the last position only), sample each row's
-  first token from the prefill logits;
+  first token from the prefill logits. With `share_prompts`, a prompt that several rows of the group
+  share (a GRPO group's G samples) is prefilled once, and its KV and last logits are copied to each of
+  its rows (docs/shared-prompts.md);
 - decode one token per step for the live rows; a row that stopped (any EOS id, its forced length, or
   max_tokens) leaves the batch at once: its row is dropped from the KV cache
   (`DynamicCache.batch_select_indices`), the attention mask and the position ids, and leading
@@ -48,7 +50,8 @@ class DecodeStats:
     """Work done, summed over calls: what the tests and benchmarks check."""
 
     prefill_calls: int = 0
-    prefill_rows: int = 0
+    prefill_rows: int = 0  # rows admitted by a prefill (their first token sampled from it)
+    prefill_tokens: int = 0  # prompt tokens prefilled, padding excluded (each distinct prompt once when shared)
     decode_steps: int = 0  # decode forwards
     decode_row_steps: int = 0  # rows fed to decode forwards (the cost that compaction cuts)
     padded_row_steps: int = 0  # padding rows of static-shape decode forwards (static_decode; 0 here)
@@ -101,15 +104,17 @@ def warpers(params: SamplingParams) -> list:
 
 class Decoder:
     """One call's decode loop. `rows`: prompt ids, one entry per completion (a prompt's n samples
-    are n rows); `seed`: the call's seed (row r draws from row_seed(seed, r)); `stats`: added to."""
+    are n rows); `seed`: the call's seed (row r draws from row_seed(seed, r)); `stats`: added to;
+    `share_prompts`: prefill each distinct prompt of an admitted group once (rows copy its KV)."""
 
     def __init__(self, model, rows: list[list[int]], params: SamplingParams, *, eos_ids: tuple[int, ...],
-                 pad_id: int, max_batch_size: int | None, seed: int, stats: DecodeStats):
+                 pad_id: int, max_batch_size: int | None, seed: int, stats: DecodeStats,
+                 share_prompts: bool = False):
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
         self.model, self.rows, self.params, self.stats = model, rows, params, stats
         self.device = next(model.parameters()).device
-        self.eos_ids, self.pad_id = eos_ids, pad_id
+        self.eos_ids, self.pad_id, self.share_prompts = eos_ids, pad_id, share_prompts
         self.eos = torch.tensor(eos_ids, device=self.device)
         self.cap = max(1, min(max_batch_size or len(rows), len(rows)))
         self.warpers = warpers(params)
@@ -139,18 +144,25 @@ class Decoder:
         return self.results
 
     def _admit(self, new: list[int]) -> None:
-        width = max(len(self.rows[r]) for r in new)
-        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, r in enumerate(new):  # left padding: every prompt ends at the last column
-            ids[i, width - len(self.rows[r]):] = torch.tensor(self.rows[r], dtype=torch.long)
-            mask[i, width - len(self.rows[r]):] = 1
+        prompts, of_row = _distinct([self.rows[r] for r in new]) if self.share_prompts else (
+            [self.rows[r] for r in new], None)
+        width = max(map(len, prompts))  # the same as without sharing: the same prompts, once each
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate's position ids
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, pos, cache)
         self.stats.prefill_calls += 1
         self.stats.prefill_rows += len(new)
+        self.stats.prefill_tokens += sum(map(len, prompts))
+        if of_row is not None:  # each row gets its own copy of its prompt's KV (rows then diverge)
+            of_row = torch.tensor(of_row, device=self.device)
+            cache.batch_select_indices(of_row)
+            logits, mask, pos = logits[of_row], mask[of_row], pos[of_row]
         rows = torch.tensor(new, device=self.device)
         tokens = self._sample(logits, rows)
         self._merge(rows, tokens, mask.sum(-1), mask, cache)
@@ -262,6 +274,13 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> tor
     # rounding at a block or row end (measure zero) must never emit a zero-probability token
     zero = probs.gather(-1, idx[:, None])[:, 0] == 0
     return torch.where(zero, probs.argmax(-1), idx) if bool(zero.any()) else idx
+
+
+def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts in first-seen order, and each input's index among them."""
+    index: dict[tuple[int, ...], int] = {}
+    of_row = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], of_row
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

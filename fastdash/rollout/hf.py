@@ -18,10 +18,15 @@ static is opt-in until scripts/gpu_check.sh step 8 has run it on a GPU):
   `model.generate` 252 s. (Forced lengths were emulated there by per-request max_new_tokens with no
   EOS; its sampling has no per-row generators, so batch-independent seeds would need more work.)
 
+Shared prompts (`share_prompts`, auto = on for every loop but generate): a group's prompt is
+prefilled once and its KV copied to its rows (`decode.Decoder._admit`, docs/shared-prompts.md).
+
 Weights: with `dtype` unset or equal to the model's, the engine generates with the training model
 itself (sync is free, samples on-policy by construction). With a different `dtype` (fp32 master weights,
 bf16 generation) it keeps its own eval copy in `dtype`; `sync_weights` copies the trainer's tensors
 into it in place (tied weights stay tied, nothing is re-allocated).
+LoRA (a peft policy): the engine decodes on the policy's own frozen base with the adapters applied at
+run time, and `sync_weights` moves only the adapters (`fastdash.lora.engine_model`, docs/lora.md).
 """
 from __future__ import annotations
 
@@ -32,9 +37,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from fastdash.batch import Completion
-from fastdash.config import HF_DECODES
+from fastdash.lora import engine_model, is_lora, sync_adapters
 from fastdash.rollout import decode, static_decode
-from fastdash.rollout.base import SamplingParams, eos_ids_of
+from fastdash.rollout.base import HF_DECODES, SamplingParams, eos_ids_of
 
 log = logging.getLogger("fastdash")
 
@@ -43,7 +48,8 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, *, max_batch_size: int | None = None, dtype: torch.dtype | None = None,
-                 own_copy: bool = False, decode_mode: str = "auto", compile_backend=None):
+                 own_copy: bool = False, decode_mode: str = "auto", compile_backend=None,
+                 workspace_room: int | None = None, share_prompts: str | bool = "auto"):
         if decode_mode not in HF_DECODES:
             raise ValueError(f"hf_decode={decode_mode!r}: must be one of {list(HF_DECODES)}")
         self.tok = tokenizer
@@ -54,12 +60,30 @@ class HFEngine:
         self.stats = decode.DecodeStats()
         # shared: generate with the trained module itself (same dtype; not when it will be sharded)
         self.shared = not own_copy and (dtype is None or dtype == next(model.parameters()).dtype)
-        self.model = model if self.shared else _eval_copy(model, dtype or next(model.parameters()).dtype)
+        self.lora = is_lora(model)  # adapters applied at run time; the base is the policy's own tensors
+        if self.lora:
+            self.model, self.shared = engine_model(model, dtype)
+        else:
+            self.model = model if self.shared else _eval_copy(model, dtype or next(model.parameters()).dtype)
+        self.sync_bytes: int | None = None  # bytes the last sync_weights wrote (logged as sync/bytes)
         self.compile_backend = compile_backend  # static: torch.compile's backend (None = inductor)
         self.workspace = static_decode.Workspace()  # static: the KV buffers, kept between calls
+        self.workspace_room = workspace_room  # bytes they may hold through backprop (None: no limit)
+        self.tools = None  # a tools.ToolSession: multi-turn rollouts with tool calls (rollout/tool_decode.py)
         self._decoder, reason = self._choose_decoder(decode_mode)
         if reason:
             log.warning("hf engine: decoding with model.generate (%s)", reason)
+        self.share_prompts = self._choose_sharing(share_prompts)
+
+    def _choose_sharing(self, share) -> bool:
+        """Prefill a group's prompt once (docs/shared-prompts.md): every loop but the generate fallback."""
+        share = {"true": True, "false": False}.get(share, share) if isinstance(share, str) else share
+        if share not in ("auto", True, False):
+            raise ValueError(f"share_prompts={share!r}: must be auto, true or false")
+        if share is True and self._decoder == "generate":
+            raise ValueError("share_prompts=true: the model.generate fallback prefills every row; "
+                             "set share_prompts=auto or false, or hf_decode=compact")
+        return share is True or (share == "auto" and self._decoder != "generate")
 
     def _choose_decoder(self, mode: str):
         """The one place the decode implementation is chosen (see the module docstring): (name, why
@@ -101,7 +125,13 @@ class HFEngine:
             return [c for i in range(0, len(rows), step)
                     for c in self._generate_hf(rows[i:i + step], params, forced[i:i + step] if forced else None)]
         kwargs = dict(eos_ids=self.eos_ids, pad_id=self.pad_id, max_batch_size=self.max_batch_size, seed=seed,
-                      stats=self.stats)
+                      stats=self.stats, share_prompts=self.share_prompts)
+        if self.tools is not None:  # the compacting loop with rows that pause on tool calls
+            from fastdash.rollout.tool_decode import tool_decode
+
+            results = tool_decode(self.model, rows, params, session=self.tools, tokenizer=self.tok, **kwargs)
+            return [Completion(p, r.ids, r.truncated, sampler_logps=r.logps, completion_mask=r.mask,
+                               episode=r.episode) for p, r in zip(rows, results)]
         if self._decoder == "static":
             results = static_decode.decode_static(self.model, rows, params, workspace=self.workspace,
                                                   backend=self.compile_backend, **kwargs)
@@ -142,8 +172,13 @@ class HFEngine:
 
     # ------------------------------------------------------------------ weights ------------------
     def sync_weights(self, model) -> None:
+        if self.lora:  # only the adapters move; none when the engine decodes with the policy itself
+            self.sync_bytes = 0 if self.shared else sync_adapters(self.model, model)
+            return
+        self.sync_bytes = 0
         if model is self.model:
             return
+        self.sync_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if self.shared:  # a separate same-dtype module (e.g. a compiled wrapper)
             self.model.load_state_dict(model.state_dict())
             return
@@ -152,7 +187,11 @@ class HFEngine:
         _copy_into(self.model, model, full_parameters(model))  # FSDP: one unit gathered at a time
 
     def sleep(self) -> None:
-        self.workspace.release()  # static decode's KV buffers (the compacting loop frees its own)
+        """Backprop is next. Static decode's KV buffers stay (shapes and addresses kept: no bucket's CUDA
+        graph re-records next step) unless they need more than `workspace_room` (the compacting loop
+        frees its own cache)."""
+        if self.workspace_room is not None and self.workspace.nbytes > self.workspace_room:
+            self.workspace.release()
 
     def wake(self) -> None:
         pass

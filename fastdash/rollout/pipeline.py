@@ -47,6 +47,7 @@ class Request:
     version: int  # optimizer steps of the weights that generate it
     problems: list  # the rollout's problems, in order
     submitted_at: float
+    oom_retries: int = 0  # the worker's OOM back-offs while generating it (set by `take`)
 
 
 class GenerationPipeline:
@@ -64,7 +65,8 @@ class GenerationPipeline:
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         spec = dict(model=cfg.model, attn_implementation=cfg.attn_implementation, seed=cfg.seed,
                     threads=cfg.async_engine_threads, compute_dtype=compute_dtype, device=str(device),
-                    concurrency=concurrency, hf_decode=cfg.hf_decode, parent=os.getpid())
+                    concurrency=concurrency, hf_decode=cfg.hf_decode, share_prompts=cfg.share_prompts,
+                    parent=os.getpid())
         self.worker = ctx.Process(target=_worker_main, args=(spec, self.slots, self.requests, self.results),
                                   name="fastdash-generation", daemon=True)
         self.worker.start()
@@ -104,7 +106,7 @@ class GenerationPipeline:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
-                kind, index, payload, seconds = self.results.get(timeout=POLL_S)
+                kind, index, payload, seconds, want.oom_retries = self.results.get(timeout=POLL_S)
                 break
             except queue.Empty:
                 if not self.worker.is_alive():
@@ -138,7 +140,7 @@ def _worker_main(spec: dict, slots: list, requests, results) -> None:
     try:
         engine, model = _build(spec)
     except Exception:  # noqa: BLE001 - the trainer reports it
-        results.put(("error", -1, traceback.format_exc(), 0.0))
+        results.put(("error", -1, traceback.format_exc(), 0.0, 0))
         return
     loaded = None  # (slot, version) the model holds
     while True:
@@ -151,19 +153,35 @@ def _worker_main(spec: dict, slots: list, requests, results) -> None:
         if msg[0] == "stop":
             return
         _, index, version, slot, calls = msg
-        t0 = time.perf_counter()
+        t0, retries = time.perf_counter(), []
         try:
             if loaded != (slot, version):
                 _load(model, slots[slot])
                 engine.sync_weights(model)
                 loaded = (slot, version)
-            out = [c for prompts, n, params in calls for c in engine.generate(prompts, n, params)]
+            out = [c for prompts, n, params in calls for c in _generate(engine, prompts, n, params, retries)]
         except Exception:  # noqa: BLE001
-            results.put(("error", index, traceback.format_exc(), 0.0))
+            results.put(("error", index, traceback.format_exc(), 0.0, len(retries)))
             continue
         for c in out:
             c.policy_version = version
-        results.put(("ok", index, out, time.perf_counter() - t0))
+        results.put(("ok", index, out, time.perf_counter() - t0, len(retries)))
+
+
+def _generate(engine, prompts, n: int, params, retries: list) -> list:
+    """One engine call with the trainer's OOM back-off (`fastdash.oom`): on OOM the worker's engine
+    halves its concurrency and retries the call (same seed: the same samples); later calls keep the
+    smaller concurrency. Each back-off is appended to `retries`."""
+    from fastdash.oom import run_with_oom_backoff
+
+    rows = len(prompts) * n
+
+    def call(concurrency: int):
+        engine.max_batch_size = concurrency
+        return engine.generate(prompts, n, params)
+
+    return run_with_oom_backoff(call, min(engine.max_batch_size or rows, rows), what="async worker generation batch",
+                                on_backoff=lambda old, new: retries.append((old, new)))
 
 
 def _build(spec: dict):
@@ -171,11 +189,14 @@ def _build(spec: dict):
     from fastdash.rollout.hf import HFEngine
 
     torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])  # the rank's own (cuda:<LOCAL_RANK>): a new process starts on GPU 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     model, tok = load_model_and_tokenizer(spec["model"], dtype=torch.float32,
                                           attn_implementation=spec["attn_implementation"], seed=spec["seed"])
-    model = model.to(spec["device"]).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
     engine = HFEngine(model, tok, max_batch_size=spec["concurrency"], dtype=spec["compute_dtype"],
-                      decode_mode=spec["hf_decode"])
+                      decode_mode=spec["hf_decode"], share_prompts=spec.get("share_prompts", "auto"))
     return engine, model
 
 

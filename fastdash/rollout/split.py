@@ -26,7 +26,6 @@ import pickle
 import time
 import traceback
 from collections import deque
-from dataclasses import replace
 from datetime import timedelta
 
 import torch
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from fastdash import distributed
 from fastdash.distributed import BUCKET_BYTES, PeerFailure
 from fastdash.heartbeat import HEARTBEAT_S, STALE_S
+from fastdash.rollout.base import stop_engine
 
 log = logging.getLogger("fastdash")
 PREFIX = "fastdash/split"
@@ -43,30 +43,15 @@ DEDICATED_GPU_SHARE = 0.9  # vLLM's share of a GPU it has to itself (gpu_memory_
 _clients: list["SplitEngine"] = []  # this trainer rank's engine, told to stop when the run ends
 
 
-# ---------------------------------------------------------------- checks and --dry-run ------------
-def check_split(cfg, world: int, cuda_devices: int) -> None:
-    """Bad split combinations fail at start, naming the key and the fix."""
-    K, trainers = cfg.generation_gpus, world - cfg.generation_gpus
-    if trainers < 1:
-        raise ValueError(f"config: generation_gpus={K}: the world has {world} rank(s) and at least one must "
-                         f"train; launch torchrun with --nproc_per_node = trainer ranks + {K}")
-    if K > trainers:
-        raise ValueError(f"config: generation_gpus={K} is more than the {trainers} trainer rank(s): each trainer "
-                         "rank is served by one generation rank, so the rest would idle; lower generation_gpus")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if cuda_devices and local > cuda_devices:
-        raise ValueError(f"config: generation_gpus={K}: split placement puts every rank on its own GPU, but "
-                         f"{local} ranks share this node's {cuda_devices} GPU(s); lower --nproc_per_node")
-
-
-def describe(cfg, trainers: int, cuda_devices: int) -> str:
-    K = cfg.generation_gpus
-    where = "its own GPU (LOCAL_RANK)" if cuda_devices else "CPU"
-    wire = "NCCL" if cuda_devices else "gloo"
-    return (f"placement: split; trainer ranks 0..{trainers - 1}, generation ranks {trainers}..{trainers + K - 1} "
-            f"(each an engine={cfg.engine} engine on {where}); trainer rank r is served by generation rank "
-            f"{trainers} + r % {K}; after every optimizer step rank 0 broadcasts the weights to the generation "
-            f"ranks over {wire} in {BUCKET_BYTES // 2**20} MiB buckets (timeout dist_timeout_s={cfg.dist_timeout_s})")
+# ---------------------------------------------------------------- placement -----------------------
+def engine_devices(device: torch.device) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a generation rank's vLLM engine core (a process of its own, which
+    would otherwise start on GPU 0, beside trainer rank 0): the rank's GPU, named as this process's
+    visible list names it. None on CPU."""
+    if device.type != "cuda":
+        return None
+    visible = [s.strip() for s in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if s.strip()]
+    return visible[device.index] if visible else str(device.index)
 
 
 def _server_of(r: int) -> int:
@@ -191,39 +176,21 @@ def close_clients() -> None:
 
 
 # ---------------------------------------------------------------- the generation rank's side -------
-def serve(cfg) -> dict:
-    """A generation rank: build the engine, then answer its trainers until every one has stopped."""
-    from fastdash.models import load_model_and_tokenizer
-    from fastdash.rollout import make_engine
-    from fastdash.rollout.base import stop_engine
-    from fastdash.runtime import pick_device_and_dtype, seed_everything
-
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
+def serve(cfg, model, engine) -> dict:
+    """A generation rank (its model and engine: `runtime.build_server`): answer its trainers until every
+    one has stopped."""
     me, trainers = distributed.rank(), distributed.generation_ranks()[0]
-    device, dtype = pick_device_and_dtype(cfg)
-    # compute dtype only: no master weights here, the broadcast brings the trainer's
-    model, tok = load_model_and_tokenizer(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                          seed=cfg.seed)
-    model = model.to(device).eval().requires_grad_(False)
-    if cfg.gpu_memory_utilization == "auto":  # the GPU is the engine's alone
-        cfg = replace(cfg, gpu_memory_utilization=DEDICATED_GPU_SHARE)
-    # vLLM's engine core in a process of its own: in this one its torch.distributed setup would wait forever
-    # on ours. Forced, not defaulted: a "0" inherited from a parent that ran a colocated engine hung CI.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    engine = make_engine(cfg, model, tok)
     channel, clients = Channel(cfg.dist_timeout_s), [r for r in range(trainers) if _server_of(r) == me]
     for r in clients:
         channel.put(f"{PREFIX}/ready/{me}/{r}", (engine.name, engine.max_batch_size, _signature(model)))
-    log.info("generation rank %d: engine=%s on %s serves trainer rank(s) %s", me, engine.name, device, clients)
+    log.info("generation rank %d: engine=%s on %s serves trainer rank(s) %s", me, engine.name,
+             next(model.parameters()).device, clients)
     try:
         Server(cfg, model, engine, channel, clients, trainers).run()
     finally:
         stop_engine(engine)  # vLLM's engine core is a process of its own here
     dist.barrier()  # as the trainers' `finish`
     return {}
-
 
 
 class Server:

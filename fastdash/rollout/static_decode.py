@@ -25,6 +25,9 @@ cannot be captured at all. Here:
   and fit its remaining length, so a call with more rows than `max_batch_size` decodes in waves of
   `max_batch_size` rows, each prefilled at once and decoded until its last row ends.
 
+Shared prompts (`share_prompts`): the prefill is the Decoder's `_admit`, so each distinct prompt of a
+wave is prefilled once and its KV copied to its rows before they enter the buffers.
+
 Sampling, per-row seeds, forced lengths, EOS ids, truncation and log-probs are the Decoder's: row r's
 tokens depend on (seed, r) only, never on its bucket or wave. The logits differ from the compacting
 loop's by fp32 rounding (attention over a wider, masked key axis; GEMMs of another batch size), so a
@@ -39,6 +42,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 
+from fastdash.oom import register_releasable
 from fastdash.rollout import decode
 
 LEN_QUANTUM = 256  # max_len granularity: few distinct lengths, few compiles
@@ -103,12 +107,16 @@ class _BucketLayer(StaticLayer):
 
 
 class Workspace:
-    """The static decode buffers, kept between calls so that shapes and addresses repeat; `release`
-    frees them (the engine's `sleep`, while the trainer runs backprop). Buffers allocated again have
-    the same shapes: nothing recompiles, CUDA graphs re-record once per bucket (new addresses)."""
+    """The static decode buffers, kept between calls and training steps so that shapes and addresses
+    repeat: every bucket's compiled graph, and on CUDA its recorded CUDA graph, stays valid. `release`
+    frees them: the engine's `sleep` when the plan leaves backprop no room for them, and the OOM
+    back-off before it retries (`fastdash.oom`). Buffers allocated again have the same shapes: nothing
+    recompiles, but CUDA graphs re-record once per bucket (new addresses), and cudagraph trees stop
+    using graphs of a function re-recorded too often (`cudagraph_unexpected_rerecord_limit`)."""
 
     def __init__(self):
         self.release()
+        register_releasable(self)
 
     def release(self) -> None:
         self.keys, self.values, self.lengths = [], [], []  # per layer; lengths: the write column
@@ -118,6 +126,11 @@ class Workspace:
     @property
     def rows(self) -> int:
         return self.mask.shape[0] if self.mask is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        held = [*self.keys, *self.values, *self.lengths, *(t for t in (self.mask, self.ids, self.pos) if t is not None)]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def ensure(self, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, max_len: int) -> None:
         """Buffers of at least rows x max_len, laid out as `like` (a prefill's per-layer keys, values)."""

@@ -2,6 +2,8 @@
 
 One engine per run, in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so weight sync is
 a direct `reload_weights` call with the trainer's tensors (no serialisation, no copy on one GPU).
+Automatic prefix caching is on (off only with share_prompts=false): a group's G samples share their
+prompt's KV blocks, so each prompt is prefilled once (docs/shared-prompts.md).
 After a sync the prefix cache is reset before the next `generate`: cached prompt KV was computed with
 the old weights and would give old-policy samples and log-probs (measured: 0.45 nats off on CPU).
 
@@ -58,11 +60,13 @@ class VLLMEngine:
 
     def __init__(self, cfg, model, tokenizer, plan=None, *, devices: str | None = None,
                  own_process: bool = False, max_num_seqs: int | None = None, rank: int = 0,
-                 exporter: _WeightExporter | None = None):
+                 exporter: _WeightExporter | None = None, compute_dtype: torch.dtype | None = None):
         """Data-parallel knobs (see `make_vllm_engines`): `own_process` puts the engine core in a child
         process; `devices` (implies it) pins that process: CUDA_VISIBLE_DEVICES on CUDA, a
         VLLM_CPU_OMP_THREADS_BIND core list on CPU; `max_num_seqs` overrides the plan's; `rank`
-        offsets the seed; engines sharing an `exporter` write synced weights once."""
+        offsets the seed; engines sharing an `exporter` write synced weights once. `compute_dtype`: the
+        run's (`Layout.compute_dtype`: the trainer's weights are fp32 masters, vLLM casts them in on each
+        sync); None: the model's own dtype."""
         reason = vllm_available()
         if reason is not None:
             raise RuntimeError(f"vLLM cannot be used: {reason}; {INSTALL_HINT}")
@@ -71,9 +75,7 @@ class VLLMEngine:
         self.eos_id = self.eos_ids[0]  # the one a forced length emits
         param = next(model.parameters())
         self.on_cuda = param.device.type == "cuda"
-        # the compute dtype: the trainer's weights are fp32 masters, vLLM casts them in on each sync
-        self.dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
-            torch.bfloat16 if self.on_cuda else torch.float32)
+        self.dtype = compute_dtype or param.dtype
         self.tp = cfg.vllm_tensor_parallel_size
         self.max_model_len = cfg.max_prompt_length + cfg.max_completion_length
         self.max_num_seqs = int(max_num_seqs or (plan.generation_concurrency if plan is not None else 0)
@@ -105,7 +107,7 @@ class VLLMEngine:
         kwargs = dict(model=str(path), dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed + rank,
                       max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                       tensor_parallel_size=self.tp, logprobs_mode="processed_logprobs",
-                      enable_prefix_caching=True)
+                      enable_prefix_caching=getattr(cfg, "share_prompts", "auto") is not False)
         if self.on_cuda:
             util = plan.gpu_memory_utilization if plan is not None else cfg.gpu_memory_utilization
             kwargs.update(gpu_memory_utilization=float(util if isinstance(util, float) else DEFAULT_GPU_SHARE),

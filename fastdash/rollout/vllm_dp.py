@@ -10,15 +10,21 @@ import torch
 from fastdash.rollout.vllm import VLLMEngine, _WeightExporter
 
 
-def make_vllm_engines(cfg, model, tokenizer, plan=None):
+def make_vllm_engines(cfg, model, tokenizer, plan=None, devices: str | None = None, compute_dtype=None):
     """One `VLLMEngine`, or for vllm_data_parallel_size = H > 1 a `RoundRobinEngine` over H engines,
     each with its core in its own process: vLLM's forward context is a module global, so in-process
     engines in parallel threads fail ("Forward context is not set", measured). Engine h gets GPUs
     [h*tp, (h+1)*tp) (engine 0 shares GPU 0 with the trainer), on CPU the h-th share of the cores.
-    The plan's concurrency (max_num_seqs, KV budget) is split evenly among the engines."""
+    The plan's concurrency (max_num_seqs, KV budget) is split evenly among the engines.
+    `devices` pins a single engine's core process (split placement: the generation rank's one GPU);
+    `compute_dtype`: the Layout's (None: the model's)."""
     dp = cfg.vllm_data_parallel_size
+    if devices is not None and dp * cfg.vllm_tensor_parallel_size > 1:
+        raise ValueError(f"config: vllm_data_parallel_size={dp}, vllm_tensor_parallel_size="
+                         f"{cfg.vllm_tensor_parallel_size} with generation_gpus: each generation rank has one GPU; "
+                         "set both to 1 and raise generation_gpus instead")
     if dp == 1:
-        return VLLMEngine(cfg, model, tokenizer, plan)
+        return VLLMEngine(cfg, model, tokenizer, plan, devices=devices, compute_dtype=compute_dtype)
     from fastdash.rollout.multi import RoundRobinEngine
 
     tp = cfg.vllm_tensor_parallel_size
@@ -34,7 +40,8 @@ def make_vllm_engines(cfg, model, tokenizer, plan=None):
     try:
         for h in range(dp):
             engines.append(VLLMEngine(cfg, model, tokenizer, plan, devices=device_sets[h], own_process=True,
-                                      max_num_seqs=per_engine, rank=h, exporter=exporter))
+                                      max_num_seqs=per_engine, rank=h, exporter=exporter,
+                                      compute_dtype=compute_dtype))
     except BaseException:
         for e in engines:  # no orphaned engine-core processes
             e.shutdown()

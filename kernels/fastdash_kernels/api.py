@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from .loss import PolicyLossOutput, check_loss_args, per_token_policy_loss
+from .loss import PolicyLossOutput, check_loss_args, check_objective_args, per_token_policy_loss
 from .reference import logprob_reference
 from .segment import _has_triton, broadcast_to_tokens
 
@@ -28,7 +28,7 @@ def _impl(backend: str):
     if backend == "triton":
         if not _has_triton():
             raise ImportError("backend='triton' needs the triton package: pip install 'fastdash[triton]'")
-        return importlib.import_module(".triton_logprob", __package__)
+        return importlib.import_module(".triton_fwd_bwd", __package__)
     if backend == "cce":
         return importlib.import_module(".cce", __package__)
     return importlib.import_module(".torch_backend", __package__)
@@ -90,8 +90,9 @@ class _EagerLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_logps, _g_ent):
-        dx, dw = ctx.saved_tensors
-        return (g_loss * dx).to(dx.dtype), (g_loss * dw).to(dw.dtype), None, None, None, None, None
+        dx, dw = ctx.saved_tensors  # dw None: a frozen head (its fwd_bwd made no dW)
+        return (g_loss * dx).to(dx.dtype), None if dw is None else (g_loss * dw).to(dw.dtype), \
+            None, None, None, None, None
 
 
 def _slice(t, lo, hi):
@@ -102,7 +103,8 @@ def fused_policy_loss(
     hidden, weight, targets, cu_seqlens, advantages, *, token_weights, old_logps=None, ref_logps=None,
     pg_weights=None, epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0,
     return_entropy=False, backend="auto", grad_in_forward=None, deterministic=True, filter_eps=None,
-    single_pass=None,
+    single_pass=None, objective="clip", importance_sampling_level="token", delta=None, sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05, use_bias_correction_kl=False,
 ) -> PolicyLossOutput:
     """PPO-clip policy loss (+ beta KL) on packed completion tokens, straight from hidden states.
 
@@ -122,9 +124,16 @@ def fused_policy_loss(
     then computed in the forward and backward only scales them. deterministic, filter_eps: as in
     `fused_linear_logprob`. single_pass (triton, grad in forward): True = the 6NHV single pass
     (kernels/fastdash_kernels/triton_single.py), False = forward + recompute (8NHV), None = the cost model's pick.
+
+    objective (clip | cispo | sapo), importance_sampling_level (token | sequence: GSPO), delta,
+    sapo_temperature_pos / _neg, use_bias_correction_kl: the surrogate and KL variants of
+    `loss.per_token_policy_loss`. A sequence-level ratio needs a sequence's every log-prob before any
+    of its gradients, so it (like a callable pg_weights) forms the gradient after the forward (8NHV).
     """
     _check_inputs(hidden, weight, targets, temperature)
     check_loss_args(token_weights, targets.shape[0], beta, ref_logps, kl_estimator, epsilon)
+    check_objective_args(objective, importance_sampling_level, delta, epsilon_high, sapo_temperature_pos,
+                         sapo_temperature_neg)
     n_seq = cu_seqlens.numel() - 1
     if advantages.shape != (n_seq,):
         raise ValueError(f"advantages must be [B] = [{n_seq}] (one per sequence), got {tuple(advantages.shape)}")
@@ -135,21 +144,30 @@ def fused_policy_loss(
     b = resolve_backend(backend, hidden)
     opts = _kernel_opts(b, deterministic, filter_eps)
     kw = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator)
+    variants = dict(objective=objective, importance_sampling_level=importance_sampling_level, delta=delta,
+                    sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                    use_bias_correction_kl=use_bias_correction_kl)
     n = hidden.shape[0]
     adv_tok = broadcast_to_tokens(advantages.float(), cu_seqlens, n)  # [N], no padding
     tok_w = token_weights.float()
     if b == "liger":
         from .liger import liger_policy_loss
 
+        if (objective, importance_sampling_level, delta, use_bias_correction_kl) != ("clip", "token", None, False):
+            raise ValueError("backend='liger' offers only the token-level clipped objective without delta or the "
+                             "bias-corrected KL; use backend='torch' or 'triton' for objective / "
+                             "importance_sampling_level / delta / use_bias_correction_kl")
+
         loss, logps, ent = liger_policy_loss(hidden, weight, targets, cu_seqlens, advantages, tok_w,
                                              old_logps=old_logps, ref_logps=ref_logps, temperature=temperature,
                                              return_entropy=return_entropy, pg_weights=pg_weights, **kw)
         return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent, **kw))
 
+    kw.update(variants)
     if grad_in_forward is None:
         grad_in_forward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if callable(pg_weights):  # the weights need every current log-prob before any gradient
-        grad_in_forward = False
+    if callable(pg_weights) or importance_sampling_level == "sequence":
+        grad_in_forward = False  # these need every current log-prob (of a sequence) before any gradient
     if grad_in_forward and b in ("torch", "triton"):
         def grad_fn(lo, hi, lp):
             with torch.enable_grad():
@@ -162,7 +180,8 @@ def fused_policy_loss(
             return loss_c.detach(), g
 
         fwd_bwd = functools.partial(_impl(b).logprob_fwd_bwd, **opts, **({"single_pass": single_pass}
-                                                                         if b == "triton" else {}))
+                                                                         if b == "triton" else {}),
+                                    need_dw=weight.requires_grad)  # frozen head (LoRA): no [V, H] dW
         loss, logps, ent = _EagerLoss.apply(hidden, weight, fwd_bwd, targets, float(temperature),
                                             return_entropy, grad_fn)
         ent = ent if return_entropy else None
@@ -173,18 +192,24 @@ def fused_policy_loss(
         else:
             logps, ent = _impl(b).logprob(hidden, weight, targets, temperature, return_entropy, **opts)
         pg_w = pg_weights(logps.detach()) if callable(pg_weights) else pg_weights
-        per_tok, _ = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, pg_weights=pg_w, **kw)
+        per_tok, _ = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, pg_weights=pg_w,
+                                           cu_seqlens=cu_seqlens, **kw)
         loss = (per_tok * tok_w).sum()
         logps = logps.detach()
-    return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent, **kw))
+    return PolicyLossOutput(loss, logps, ent, token_metrics(logps, adv_tok, old_logps, ref_logps, ent,
+                                                            cu_seqlens=cu_seqlens, **kw))
 
 
 @torch.no_grad()
 def token_metrics(logps, adv_tok, old_logps, ref_logps, entropy, **kw) -> dict[str, torch.Tensor]:
-    """clip_fraction, kl_mean (beta != 0), entropy_mean (if given): token means as 0-d tensors."""
+    """Token means as 0-d tensors: clip_fraction (either side) and per side clip_low_fraction,
+    clip_high_fraction, clip_delta_fraction (delta set), kl_mean (beta != 0), entropy_mean (if given)."""
     _, m = per_token_policy_loss(logps, adv_tok, old_logps, ref_logps, **kw)
     denom = max(logps.numel(), 1)
     out = {"clip_fraction": m["clipped"].float().sum() / denom}
+    for side in ("low", "high", "delta"):
+        if f"clipped_{side}" in m:
+            out[f"clip_{side}_fraction"] = m[f"clipped_{side}"].float().sum() / denom
     if "kl" in m:
         out["kl_mean"] = m["kl"].sum() / denom
     if entropy is not None:

@@ -5,6 +5,7 @@ under stated assumptions (GPUS, EFFICIENCY): max(compute, HBM, L2) + atomics. It
 compare GPU measurements against (benchmarks/bench_kernels.py prints both), not a measurement.
 
     python -m fastdash_kernels.cost_model          # the table in COST_MODEL.md
+    python -m fastdash_kernels.cost_model --launch # programs per kernel at the recipe shapes (needs triton)
 """
 
 from __future__ import annotations
@@ -126,5 +127,52 @@ def table(shapes=((4096, 896), (16384, 896), (4096, 1536), (16384, 1536), (4096,
     return "\n".join(lines)
 
 
+RECIPE_SHAPES = [(n, h) for n in (1024, 4096, 16384, 131072, 500_000) for h in (896, 1536, 2048)]
+
+
+def launch_programs(n, h, v=151936, sms=132, itemsize=2) -> dict:
+    """Programs each kernel launches at this shape, per design, from the launchers' own sizing
+    (fwd_splits, dx_split, dw_split, the chunk sizes) at BLOCK_D = 128 (the first GEMM config; 64 doubles
+    and 256 halves the dX / dW counts). The smallest chunk counts (the single pass's last token chunk,
+    the recompute's last vocabulary chunk). Needs triton; without TRITON_INTERPRET for the GPU's tiles."""
+    import triton
+
+    from .triton_backward import chunk_vocab, dw_split, dx_split
+    from .triton_logprob import fwd_splits
+    from .triton_single import chunk_tokens
+    from .triton_tiles import TILE_M, TILE_V
+
+    cd, hb = triton.cdiv, triton.cdiv(h, 128)
+    c = chunk_tokens(n, v, itemsize)
+    n_vt = cd(v, TILE_V)
+    single = {}
+    for nc in {c, n - (n - 1) // c * c}:  # a full chunk and the last one
+        mt = cd(nc, TILE_M)
+        progs = dict(fwd=mt * fwd_splits(nc, v, sms), dz=mt * n_vt, dx=hb * mt * dx_split(mt, n_vt, h, sms),
+                     dw=hb * n_vt)
+        single = {k: min(single.get(k, p), p) for k, p in progs.items()}
+    vc, mt = chunk_vocab(n, v, itemsize), cd(n, TILE_M)
+    recompute = {}
+    for rows in {min(vc, v), v - (v - 1) // vc * vc}:
+        tiles = cd(rows, TILE_V)
+        progs = dict(fwd=mt * fwd_splits(n, v, sms), dz=mt * tiles, dx=hb * mt * dx_split(mt, tiles, h, sms),
+                     dw=hb * tiles * dw_split(mt, rows, h, sms))
+        recompute = {k: min(recompute.get(k, p), p) for k, p in progs.items()}
+    return {"single": single, "recompute": recompute}
+
+
+def launch_table(sms=132) -> str:
+    lines = [f"| N | H | single pass: fwd / dZ / dX / dW programs | recompute: fwd / dZ / dX / dW | "
+             f"fewest waves ({sms} SMs) |", "|---|---|---|---|---|"]
+    for n, h in RECIPE_SHAPES:
+        p = launch_programs(n, h, sms=sms)
+        fewest = min(min(d.values()) for d in p.values())
+        lines.append(f"| {n} | {h} | {' / '.join(str(x) for x in p['single'].values())} | "
+                     f"{' / '.join(str(x) for x in p['recompute'].values())} | {fewest / sms:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table())
+    import sys
+
+    print(launch_table() if "--launch" in sys.argv else table())

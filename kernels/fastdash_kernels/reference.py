@@ -25,12 +25,13 @@ def logprob_reference(
 
 def policy_loss_reference(
     hidden, weight, targets, cu_seqlens, advantages, *, token_weights, old_logps=None, ref_logps=None,
-    epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0,
+    epsilon=0.2, epsilon_high=None, beta=0.0, kl_estimator="k3", temperature=1.0, pg_weights=None, **variants,
 ):
     """Loop-over-sequences oracle: returns (loss, logps, entropy, per-token metrics).
 
     Deliberately written without the segment helpers: each sequence is sliced in Python, so it
     checks the packed broadcasts and reductions independently. fp64 throughout for fp64 hidden.
+    `variants`: objective, importance_sampling_level, delta, ... of `per_token_policy_loss`.
     """
     logps, entropy = logprob_reference(hidden, weight, targets, temperature)
     bounds = [int(b) for b in cu_seqlens.tolist()]
@@ -40,7 +41,7 @@ def policy_loss_reference(
     )
     per_tok, metrics = per_token_policy_loss(
         logps, adv_tok, old_logps, ref_logps, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
-        kl_estimator=kl_estimator,
+        kl_estimator=kl_estimator, pg_weights=pg_weights, cu_seqlens=cu_seqlens, **variants,
     )
     w = token_weights.to(logps.dtype)
     total = logps.new_zeros(())

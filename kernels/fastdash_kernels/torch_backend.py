@@ -64,11 +64,13 @@ def _dz_(z, y, lse, g, temperature):
 
 
 def _grads_from_dz(dz, x, weight, dx_out, dw_acc):
-    """dx_out <- dZ W; dw_acc += dZ^T X. On CUDA dZ drops to the weight dtype (fp32 accumulate)."""
+    """dx_out <- dZ W; dw_acc += dZ^T X (dw_acc None: a frozen head, no dW). On CUDA dZ drops to the
+    weight dtype (fp32 accumulate)."""
     if dz.is_cuda:
         dz = dz.to(weight.dtype)
     dx_out.copy_(mm_f32(dz, weight))
-    dw_acc.add_(mm_f32(dz.t(), x))
+    if dw_acc is not None:
+        dw_acc.add_(mm_f32(dz.t(), x))
 
 
 class _ChunkedLogprob(torch.autograd.Function):
@@ -97,7 +99,8 @@ class _ChunkedLogprob(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         n, vocab = hidden.shape[0], weight.shape[0]
         dx = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        need_dw = ctx.needs_input_grad[1]  # a frozen lm_head (LoRA): no [V, H] buffer, no dW GEMM
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
         g_logp = g_logp.float()
         c = chunk_rows(n, vocab)
         for lo in range(0, n, c):
@@ -105,7 +108,7 @@ class _ChunkedLogprob(torch.autograd.Function):
             z = chunk_logits(hidden[lo:hi], weight, ctx.temperature)
             dz = _dz_(z, targets[lo:hi], lse[lo:hi], g_logp[lo:hi], ctx.temperature)
             _grads_from_dz(dz, hidden[lo:hi], weight, dx[lo:hi], dw)
-        return dx.to(hidden.dtype), dw.to(weight.dtype), None, None, None
+        return dx.to(hidden.dtype), (dw.to(weight.dtype) if need_dw else None), None, None, None
 
 
 def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False):
@@ -117,12 +120,12 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False):
 GradFn = Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def logprob_fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_fn: GradFn):
+def logprob_fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_fn: GradFn, need_dw=True):
     """One pass: log-probs, loss, and dX/dW for a loss whose gradient is per-token.
 
     grad_fn(lo, hi, logps[lo:hi]) -> (loss contribution of tokens lo:hi, dloss/dlogps [hi - lo]).
     Returns logps [N], entropy [N] or None, loss (0-d fp32), dX [N, H] (hidden dtype),
-    dW [V, H] (weight dtype).
+    dW [V, H] (weight dtype; None when not need_dw: a frozen head).
     """
     targets = targets.long()
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -130,7 +133,7 @@ def logprob_fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_f
     ent = hidden.new_empty(n, dtype=torch.float32) if return_entropy else None
     loss = hidden.new_zeros((), dtype=torch.float32)
     dx = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
-    dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
     c = chunk_rows(n, vocab)
     for lo in range(0, n, c):
         hi = min(lo + c, n)
@@ -143,4 +146,4 @@ def logprob_fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_f
         loss = loss + loss_c
         dz = _dz_(z, y, lse, g.float(), temperature)
         _grads_from_dz(dz, hidden[lo:hi], weight, dx[lo:hi], dw)
-    return logps, ent, loss, dx.to(hidden.dtype), dw.to(weight.dtype)
+    return logps, ent, loss, dx.to(hidden.dtype), (dw.to(weight.dtype) if need_dw else None)

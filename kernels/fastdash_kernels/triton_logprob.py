@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .sms import num_sms
 from .triton_backward import logprob_backward
 from .triton_tiles import INTERPRET, TILE_M, TILE_V, config, prec, tuned, z_tile
 
@@ -83,19 +84,15 @@ def _combine(part):
     return (zy.sum(0) - big) - log_l, big + log_l, log_l - s_all / total
 
 
-def num_sms(device) -> int:
-    if device.type != "cuda":
-        return 8  # interpreter: any small count; tests also set FWD_SPLITS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 FWD_SPLITS = None  # tests force a split count; None = enough programs for two waves of SMs
 
 
-def fwd_splits(n, v, device) -> int:
+def fwd_splits(n, v, sms) -> int:
+    """Vocabulary splits of the forward: token blocks x splits >= 2 x SMs (no cap but the tile count:
+    the single pass's 512-token chunks are 4 blocks, 66 splits on 132 SMs)."""
     tiles = triton.cdiv(v, TILE_V)
-    want = FWD_SPLITS or triton.cdiv(2 * num_sms(device), triton.cdiv(n, TILE_M))
-    return max(1, min(want, tiles, 16))
+    want = FWD_SPLITS or triton.cdiv(2 * sms, triton.cdiv(n, TILE_M))
+    return max(1, min(want, tiles))
 
 
 def _check(hidden, weight):
@@ -115,7 +112,7 @@ def logprob_forward(hidden, weight, targets, temperature, want_entropy, save_til
     if n == 0:
         e = hidden.new_empty(0, dtype=torch.float32)
         return e, e.clone(), (e.clone() if want_entropy else None), None
-    splits = fwd_splits(n, v, hidden.device)
+    splits = fwd_splits(n, v, num_sms(hidden.device))
     part = torch.empty(4, splits, n, device=hidden.device, dtype=torch.float32)
     tmax = torch.empty(triton.cdiv(v, TILE_V), n, device=hidden.device, dtype=torch.float32) if save_tile_max \
         else part
@@ -147,7 +144,7 @@ class _TritonLogprob(torch.autograd.Function):
     def backward(ctx, g_logp, _g_ent):
         hidden, weight, targets, lse, *tmax = ctx.saved_tensors
         dx, dw = logprob_backward(hidden, weight, targets, lse, g_logp, ctx.temperature,
-                                  tile_max=tmax[0] if tmax else None, **ctx.opts)
+                                  tile_max=tmax[0] if tmax else None, need_dw=ctx.needs_input_grad[1], **ctx.opts)
         return dx, dw, None, None, None, None
 
 
@@ -158,24 +155,3 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, **op
     logps, ent = _TritonLogprob.apply(hidden, weight, targets.long().contiguous(), float(temperature),
                                       return_entropy, opts)
     return logps, (ent if return_entropy else None)
-
-
-def logprob_fwd_bwd(hidden, weight, targets, temperature, return_entropy, grad_fn, single_pass=None, **opts):
-    """Same contract as torch_backend.logprob_fwd_bwd. single_pass (None: the cost model's pick,
-    `cost_model.single_pass_pays`): the forward stores each token chunk's logits and turns them into
-    dZ (6NHV, triton_single.py); else dZ is recomputed from the saved lse (8NHV, no logits buffer)."""
-    if single_pass is None:
-        from .cost_model import single_pass_pays
-
-        single_pass = single_pass_pays(hidden.shape[0], hidden.shape[1], weight.shape[0], weight.element_size())
-    if single_pass:
-        from .triton_single import logprob_fwd_bwd_single
-
-        return logprob_fwd_bwd_single(hidden, weight, targets, temperature, return_entropy, grad_fn,
-                                      filter_eps=opts.get("filter_eps"))
-    targets = targets.long().contiguous()
-    filt = opts.get("filter_eps") is not None
-    logps, lse, ent, tmax = logprob_forward(hidden, weight, targets, temperature, return_entropy, filt)
-    loss, g = grad_fn(0, hidden.shape[0], logps)
-    dx, dw = logprob_backward(hidden, weight, targets, lse, g, temperature, tile_max=tmax, **opts)
-    return logps, ent, loss, dx, dw

@@ -63,7 +63,7 @@ def chunk_tokens(n: int, v: int, itemsize: int) -> int:
 
 
 def logprob_fwd_bwd_single(hidden, weight, targets, temperature, return_entropy, grad_fn, *, filter_eps=None,
-                           stats=None):
+                           stats=None, need_dw=True):
     """Same contract as torch_backend.logprob_fwd_bwd (logps, entropy or None, loss, dX, dW); always
     deterministic. stats: a dict to receive 'tiles' and 'skipped_tiles' counts (tests)."""
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.long().contiguous()
@@ -75,13 +75,13 @@ def logprob_fwd_bwd_single(hidden, weight, targets, temperature, return_entropy,
     loss = torch.zeros((), device=dev, dtype=torch.float32)
     dx = torch.empty_like(hidden)
     if n == 0:
-        return logps, ent, loss, dx, torch.zeros_like(weight)
+        return logps, ent, loss, dx, torch.zeros_like(weight) if need_dw else None
     c = chunk_tokens(n, v, weight.element_size())
     vpad, n_vt = triton.cdiv(v, TILE_V) * TILE_V, triton.cdiv(v, TILE_V)
     z = torch.empty(c, vpad, device=dev, dtype=torch.float32)
     dz = torch.empty(c, vpad, device=dev, dtype=weight.dtype)
     flags = torch.empty(triton.cdiv(c, TILE_M), n_vt, device=dev, dtype=torch.int8)
-    dw = torch.empty(v, h, device=dev, dtype=weight.dtype if c >= n else torch.float32)
+    dw = torch.empty(v, h, device=dev, dtype=weight.dtype if c >= n else torch.float32) if need_dw else None
     blocks = dict(BLOCK_M=TILE_M, BLOCK_V=TILE_V, PREC=prec(hidden.dtype),
                   CAST=INTERPRET and hidden.dtype != torch.float32)
     for i, lo in enumerate(range(0, n, c)):
@@ -96,13 +96,13 @@ def logprob_fwd_bwd_single(hidden, weight, targets, temperature, return_entropy,
         _dz_from_z_kernel[(n_mt, n_vt)](z, y, lse, g.float().contiguous(), dz, flags, n_c, v, vpad,
                                         1.0 / temperature, float(filter_eps or 0.0), BLOCK_M=TILE_M,
                                         BLOCK_V=TILE_V, FILTER=filter_eps is not None, **_dz_from_z_kernel.fixed_meta)
-        grid_dx = lambda meta: (triton.cdiv(h, meta["BLOCK_D"]), n_mt)  # noqa: E731
-        B._dx_kernel[grid_dx](dz, weight, flags, dx[lo:hi], 0, vpad, n_c, v, h, weight.stride(0), n_vt, ACCUM=False,
-                              **blocks, **B._dx_kernel.fixed_meta)
+        lists = B.skip_lists(flags, n_mt, n_vt)
+        B.dx_chunk(dz, weight, lists, dx[lo:hi], 0, vpad, n_c, n_vt, False, blocks)  # split over V for SMs
         grid_dw = lambda meta: (triton.cdiv(h, meta["BLOCK_D"]), n_vt, 1)  # noqa: E731
-        B._dw_kernel[grid_dw](dz, x, flags, dw, 0, vpad, n_c, v, h, x.stride(0), n_vt, n_mt, 0, SPLIT=1, MODE=0,
-                              ACCUM=i > 0, **blocks, **B._dw_kernel.fixed_meta)
+        if need_dw:  # a frozen head (LoRA) gets no dW
+            B._dw_kernel[grid_dw](dz, x, lists[2], lists[3], dw, 0, vpad, n_c, v, h, x.stride(0), n_vt, n_mt, 0,
+                                  SPLIT=1, MODE=0, ACCUM=i > 0, **blocks, **B._dw_kernel.fixed_meta)
         if stats is not None:
             stats["tiles"] = stats.get("tiles", 0) + n_mt * n_vt
-            stats["skipped_tiles"] = stats.get("skipped_tiles", 0) + int(flags[:n_mt].sum())
-    return logps, ent, loss, dx, dw.to(weight.dtype)
+            stats["skipped_tiles"] = stats.get("skipped_tiles", 0) + int(n_mt * n_vt - lists[1].sum())
+    return logps, ent, loss, dx, dw.to(weight.dtype) if need_dw else None

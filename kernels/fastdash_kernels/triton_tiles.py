@@ -29,6 +29,11 @@ def prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# FASTDASH_AUTOTUNE=quick: only each kernel's first config (the cost model's pick), so nothing is timed
+# per new shape; scripts/gpu_check.py sets it, where the GPU window cannot afford every config's compile.
+QUICK_AUTOTUNE = os.environ.get("FASTDASH_AUTOTUNE") == "quick"
+
+
 def tuned(configs, key, fixed, restore_value=None):
     """triton.autotune on a GPU; under the interpreter the kernel runs with the `fixed` meta-parameters
     (launchers pass them as keyword arguments: `launch_meta()`)."""
@@ -36,7 +41,8 @@ def tuned(configs, key, fixed, restore_value=None):
         if INTERPRET:
             kernel.fixed_meta = fixed
             return kernel
-        tuned_kernel = triton.autotune(configs=configs, key=key, restore_value=restore_value or [])(kernel)
+        tuned_kernel = triton.autotune(configs=configs[:1] if QUICK_AUTOTUNE else configs, key=key,
+                                       restore_value=restore_value or [])(kernel)
         tuned_kernel.fixed_meta = {}
         return tuned_kernel
     return wrap

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastdash.algo import LOSS_TYPES, loss_token_weights
+from fastdash.algo import CLIP_LOSS_TYPES, loss_token_weights
 from fastdash_kernels import fused_policy_loss, per_token_policy_loss
 from fastdash_kernels.reference import logprob_reference, policy_loss_reference
 
@@ -72,7 +72,7 @@ def _weights(loss_type, cu, normaliser):
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIP_LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("with_old", [False, True], ids=["K1", "Kgt1"])
 @pytest.mark.parametrize("grad_in_forward", [True, False], ids=["eager", "recompute"])
@@ -85,7 +85,7 @@ def test_policy_loss_matches_reference(backend, loss_type, beta, with_old, grad_
     assert got[3].abs().sum() > 0  # the comparison is not between two zero gradients
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIP_LOSS_TYPES)
 def test_loss_types_mean_what_they_say(loss_type):
     """algo's weights: 'grpo' = mean of each sequence's token mean x B / normaliser, the rest a token
     sum / normaliser, written out per sequence here (no weights, no segment helpers), in float64."""

@@ -14,11 +14,12 @@ pytestmark = pytest.mark.skipif("triton" not in backends_under_test(), reason="n
 def tri(monkeypatch):
     from fastdash_kernels import triton_backward, triton_logprob
 
-    def setup(chunk_vocab=None, tokens=None, fwd_splits=None, dw_split=None, itemsize=4):
+    def setup(chunk_vocab=None, tokens=None, fwd_splits=None, dw_split=None, itemsize=4, dx_split=None):
         if chunk_vocab:  # the dZ scratch holds tokens x chunk_vocab entries: several vocabulary chunks
             monkeypatch.setattr(triton_backward, "SCRATCH_BYTES", tokens * chunk_vocab * itemsize)
         monkeypatch.setattr(triton_logprob, "FWD_SPLITS", fwd_splits)
         monkeypatch.setattr(triton_backward, "DW_SPLIT", dw_split)
+        monkeypatch.setattr(triton_backward, "DX_SPLIT", dx_split)  # None: from the (interpreter's 8) SMs
         return triton_logprob, triton_backward
 
     return setup
@@ -94,12 +95,16 @@ def _peaked(n, h, v, margin, seed):
     return x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
 
 
-def test_filtering_skips_tiles_within_its_bound(tri):
+@pytest.mark.parametrize("dx_split", [1, None], ids=["dx-owned", "dx-split-over-vocab"])
+def test_filtering_skips_tiles_within_its_bound(tri, dx_split):
     """Skipped entries have p < tau, so the dropped gradient is at most |g_t| / T * p_tj on each
-    (t, j) with p_tj < tau (j != y_t); dX and dW errors are bounded by that mass times |W|, |X|."""
+    (t, j) with p_tj < tau (j != y_t); dX and dW errors are bounded by that mass times |W|, |X|.
+    The kept tiles reach dX / dW as index lists, with dX whole or split over the vocabulary."""
     tau, temperature = 2.0**-12, 1.0
     x, w, y = _peaked(128, 32, 1000, 60.0, seed=25)
-    mod, bwd = tri()
+    mod, bwd = tri(dx_split=dx_split)
+    if dx_split is None:
+        assert bwd.dx_split(2, 8, 32, 8) > 1  # 2 token blocks of 64 on the interpreter's 8 "SMs"
     g = _upstream(128, 5)
     _, lse, _, tmax = mod.logprob_forward(x, w, y, temperature, False, save_tile_max=True)
     stats = {}

@@ -7,6 +7,7 @@ a subprocess because the conftest turns TRITON_INTERPRET on.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,11 @@ def _compile(*flags):
 def test_kernels_compile_for_sm90_as_launched():
     text = _compile()
     assert "regs" in text and "dw mode 2" in text
+    # dX / dW skip filtered tiles without a data-dependent `if` around their loads, so Triton's software
+    # pipeliner keeps more than one copy of the operand tiles in flight (an `if` leaves 1).
+    gemms = [line for line in text.splitlines() if line.startswith(("dx", "dw"))]
+    depth = {line.split()[0] + " " + line.split()[1]: int(re.search(r"tile buffers (\d+)", line)[1]) for line in gemms}
+    assert len(gemms) == 6 and all(d >= 2 for d in depth.values()), gemms
 
 
 @pytest.mark.slow

@@ -16,11 +16,12 @@ pytestmark = pytest.mark.skipif("triton" not in backends_under_test(), reason="n
 def single(monkeypatch):
     from fastdash_kernels import triton_logprob, triton_single
 
-    def setup(tokens_per_chunk=None, vocab=None, itemsize=4, fwd_splits=None):
+    def setup(tokens_per_chunk=None, vocab=None, itemsize=4, fwd_splits=None, dx_split=None):
         if tokens_per_chunk:  # the logits + dZ buffer holds tokens_per_chunk rows: several chunks
             vpad = -(-vocab // 128) * 128
             monkeypatch.setattr(triton_single, "SCRATCH_BYTES", tokens_per_chunk * vpad * (4 + itemsize))
         monkeypatch.setattr(triton_logprob, "FWD_SPLITS", fwd_splits)
+        monkeypatch.setattr(triton_single.B, "DX_SPLIT", dx_split)  # None: split over V from the SM count
         return triton_single
 
     return setup
@@ -33,11 +34,12 @@ def _fwd_bwd(mod, x, w, y, g, temperature, **kw):
     return mod.logprob_fwd_bwd_single(x, w, y.long(), temperature, True, grad_fn, **kw)
 
 
-@pytest.mark.parametrize("dtype,chunk", [(torch.float32, 64), (torch.float32, None), (torch.bfloat16, 64)],
-                         ids=["fp32-3chunks", "fp32-1chunk", "bf16-3chunks"])
-def test_single_pass_matches_the_reference(single, dtype, chunk):
+@pytest.mark.parametrize("dtype,chunk,dx_split", [(torch.float32, 64, None), (torch.float32, None, None),
+                                                  (torch.bfloat16, 64, None), (torch.float32, 64, 1)],
+                         ids=["fp32-3chunks", "fp32-1chunk", "bf16-3chunks", "fp32-3chunks-dx-owned"])
+def test_single_pass_matches_the_reference(single, dtype, chunk, dx_split):
     x, w, y, _ = make_packed([90, 61, 29], 48, 300, dtype=dtype, seed=31)  # 180 tokens, V = 300: 3 tiles
-    mod = single(tokens_per_chunk=chunk, vocab=300, itemsize=dtype.itemsize, fwd_splits=2)
+    mod = single(tokens_per_chunk=chunk, vocab=300, itemsize=dtype.itemsize, fwd_splits=2, dx_split=dx_split)
     g = _upstream(x.shape[0], 7)
     logps, ent, loss, dx, dw = _fwd_bwd(mod, x, w, y, g, 0.9)
     assert dx.dtype == dtype and dw.dtype == dtype
