@@ -8,10 +8,12 @@ long-tailed (lognormal: median 0.22 s, a few calls take seconds, capped at 3 s).
            outputs are the (long) error messages of those malformed calls.
   agentic  64 rows that all call several times (up to 4 turns; the close tag's logit is raised), with
            short outputs, as an agent's tool loop does.
+  agentic_fast  the same with latencies / 10 (median 22 ms): decoding, not waiting, is the cost.
 Modes: `nonstall`, a row leaves the batch while its tool runs and re-enters when it returns
 (rollout/tool_decode.py); `sync_turns`, every row waits for the slowest call of the turn, as a loop over
 whole turns does; `nonstall_pool16` (agentic only), non-stalling with the 16-thread pool the session had
-before it got a thread per row slot, where calls past the 16th queued. Same rows, same seeds, so the
+before it got a thread per row slot, where calls past the 16th queued; `nonstall_eager` (agentic_fast),
+non-stalling with each return re-entering at once, in a prefill of its own (REENTRY_STEPS = 0). Same rows, same seeds, so the
 same transcripts (asserted). Reported in extra_info: wall seconds, decode row-steps per decode step
 over the rows (row-step utilisation), the critical row's total tool latency (no schedule finishes
 before it), and the speedup over sync_turns (printed once both arms ran, in either order). One untimed
@@ -29,23 +31,25 @@ import torch
 from fastdash.models import random_model
 from fastdash.rollout.base import SamplingParams
 from fastdash.rollout.decode import DecodeStats
+import fastdash.rollout.tool_decode as tool_decode_module
 from fastdash.rollout.tool_decode import tool_decode
 from fastdash.tools.calls import response_text
 from fastdash.tools.session import Episode, ToolSession
 from fastdash.tools.tiny import tool_char_tokenizer
 
 RESULTS: dict[tuple[str, str], dict] = {}
-WORKLOADS = {"sparse": dict(rows=24, close_bias=0.0), "agentic": dict(rows=64, close_bias=2.0)}
+WORKLOADS = {"sparse": dict(rows=24, close_bias=0.0, scale=1.0), "agentic": dict(rows=64, close_bias=2.0, scale=1.0),
+             "agentic_fast": dict(rows=64, close_bias=2.0, scale=0.1)}
 
 
-def latency(turn_text: str, turn: int) -> float:
+def latency(turn_text: str, turn: int, scale: float) -> float:
     rng = random.Random(zlib.crc32(f"{turn_text}|{turn}".encode()))
-    return min(3.0, rng.lognormvariate(-1.5, 1.2))
+    return scale * min(3.0, rng.lognormvariate(-1.5, 1.2))
 
 
 class SlowEpisode(Episode):
     def run_turn(self, turn_text, calls, turn_closed):
-        wait = latency(turn_text, self.stats.turns)
+        wait = latency(turn_text, self.stats.turns, self.session.scale)
         self.slept = getattr(self, "slept", 0.0) + wait
         time.sleep(wait)
         if not self.session.short_outputs:
@@ -55,9 +59,9 @@ class SlowEpisode(Episode):
 
 
 class SlowSession(ToolSession):
-    def __init__(self, *, short_outputs: bool, fixed_pool: int | None = None):
+    def __init__(self, *, short_outputs: bool, scale: float, fixed_pool: int | None = None):
         super().__init__({}, max_iterations=4)
-        self.short_outputs, self.fixed_pool = short_outputs, fixed_pool
+        self.short_outputs, self.scale, self.fixed_pool = short_outputs, scale, fixed_pool
 
     def episode(self, seed=None):
         return SlowEpisode(dict(self.functions), self)
@@ -82,13 +86,17 @@ def setup(workload: str):
 
 @pytest.mark.parametrize("workload,mode", [("sparse", "sync_turns"), ("sparse", "nonstall"),
                                            ("agentic", "sync_turns"), ("agentic", "nonstall"),
-                                           ("agentic", "nonstall_pool16")])
-def test_tool_latency(benchmark, workload, mode):
+                                           ("agentic", "nonstall_pool16"), ("agentic_fast", "sync_turns"),
+                                           ("agentic_fast", "nonstall"), ("agentic_fast", "nonstall_eager")])
+def test_tool_latency(benchmark, monkeypatch, workload, mode):
     tok, model, rows = setup(workload)
     out = {}
+    if mode == "nonstall_eager":  # before re-entries were gathered: each return, a prefill of its own
+        monkeypatch.setattr(tool_decode_module, "REENTRY_STEPS", 0)
 
     def once():
-        session = SlowSession(short_outputs=workload == "agentic", fixed_pool=16 if mode.endswith("16") else None)
+        session = SlowSession(short_outputs=workload != "sparse", scale=WORKLOADS[workload]["scale"],
+                              fixed_pool=16 if mode.endswith("16") else None)
         stats = DecodeStats()
         t0 = time.perf_counter()
         res = tool_decode(model, rows, SamplingParams(max_tokens=96), session=session, tokenizer=tok,

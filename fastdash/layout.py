@@ -142,10 +142,14 @@ def resolve_layout(cfg, *, world: int | None = None, rank: int | None = None, cu
     return layout
 
 
-def without_replica(cfg, layout: Layout, why: str) -> Layout:
-    """parallelism=auto and the memory plan found no room for a full replica per rank: shard (FSDP2)."""
+def without_replica(cfg, layout: Layout, why: str) -> Layout | None:
+    """The memory plan found no room for a full replica per rank: the layout that shards (FSDP2) where
+    parallelism=auto allows it, else None (the plan's error stands)."""
+    mode = resolve_parallelism(cfg, layout.trainers, replica_fits=False)
+    if mode == layout.parallelism:
+        return None
     log.warning("parallelism=auto: a full replica per rank does not fit (%s); sharding with FSDP2", why)
-    out = dataclasses.replace(layout, parallelism=resolve_parallelism(cfg, layout.trainers, replica_fits=False))
+    out = dataclasses.replace(layout, parallelism=mode)
     check_layout(cfg, out)
     return out
 
@@ -194,8 +198,7 @@ def check_layout(cfg, layout: Layout) -> None:
     LoRA and async generation need a full replica per rank."""
     if layout.parallelism != "fsdp":
         return
-    why = "parallelism=auto chose FSDP: no full replica per rank fits here" if cfg.parallelism == "auto" else \
-        "parallelism=fsdp"
+    why = f"parallelism={cfg.parallelism} resolved to fsdp (FSDP2 shards over {layout.trainers} ranks)"
     if cfg.lora_r:
         raise ValueError(f"config: lora_r > 0 with {why}: the frozen base is not sharded (FSDP); use fewer ranks "
                          "or a smaller model")

@@ -149,9 +149,10 @@ def plan_run(cfg: Config, model, layout: Layout, with_plan: bool = True) -> tupl
     try:
         return (build_plan(cfg, model, layout) if with_plan else None), layout
     except MemoryPlanError as e:
-        if cfg.parallelism != "auto" or layout.trainers == 1:
+        sharded = without_replica(cfg, layout, str(e))
+        if sharded is None:
             raise
-        return None, without_replica(cfg, layout, str(e))
+        return None, sharded
 
 
 def load_policy(cfg: Config, layout: Layout):
