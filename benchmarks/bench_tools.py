@@ -3,7 +3,7 @@
     pytest -s benchmarks/bench_tools.py --benchmark-only
 
 One call's rows (a random tiny model over the tool tokenizer) with a tool whose latency is seeded and
-long-tailed (lognormal: median 0.22 s, a few calls take seconds, capped at 3 s). Two workloads:
+long-tailed (lognormal: median 0.22 s, a few calls take seconds, capped at 3 s). Three workloads:
   sparse   24 rows that end a turn with `</tool_call>` now and then (15 of 24 call at all); the
            outputs are the (long) error messages of those malformed calls.
   agentic  64 rows that all call several times (up to 4 turns; the close tag's logit is raised), with
@@ -13,11 +13,11 @@ Modes: `nonstall`, a row leaves the batch while its tool runs and re-enters when
 (rollout/tool_decode.py); `sync_turns`, every row waits for the slowest call of the turn, as a loop over
 whole turns does; `nonstall_pool16` (agentic only), non-stalling with the 16-thread pool the session had
 before it got a thread per row slot, where calls past the 16th queued; `nonstall_eager` (agentic_fast),
-non-stalling with each return re-entering at once, in a prefill of its own (REENTRY_STEPS = 0). Same rows, same seeds, so the
-same transcripts (asserted). Reported in extra_info: wall seconds, decode row-steps per decode step
-over the rows (row-step utilisation), the critical row's total tool latency (no schedule finishes
-before it), and the speedup over sync_turns (printed once both arms ran, in either order). One untimed
-forward first: a process's first forward passes are slower.
+non-stalling with each return re-entering at once, in a prefill of its own (REENTRY_STEPS = 0).
+Same rows, same seeds, so the same transcripts (asserted). Reported in extra_info: wall seconds,
+decode row-steps per decode step over the rows (row-step utilisation), the critical row's total tool
+latency (no schedule finishes before it), and the speedup over sync_turns (printed once both arms ran,
+in either order). One untimed forward first: a process's first forward passes are slower.
 """
 from __future__ import annotations
 

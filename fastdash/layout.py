@@ -139,6 +139,9 @@ def resolve_layout(cfg, *, world: int | None = None, rank: int | None = None, cu
                     trainer_ranks=tuple(range(trainers)), generation_ranks=tuple(range(trainers, world)),
                     async_generation=bool(cfg.async_generation), cuda_devices=cuda_devices)
     check_layout(cfg, layout)
+    log.info("layout: %s, %s, engine %s (%s), %s over %d trainer rank(s)%s", layout.device, layout.dtype,
+             layout.engine, why, layout.parallelism, trainers,
+             f" + {world - trainers} generation rank(s)" if layout.placement == "split" else "")
     return layout
 
 

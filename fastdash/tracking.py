@@ -5,7 +5,8 @@ Offline by default: TensorBoard event files under `<run>/tensorboard`, trackio's
 unless the user configured it (WANDB_MODE or WANDB_API_KEY set). Every `logging_steps` optimizer
 steps the step's metrics.jsonl row goes to each tracker unchanged, under the same names
 (`reward/mean`, `time/generate_s`, ...); with `log_completions` the step's sampled completions go to
-the trackers, to `<run>/completions.jsonl` and to the console. Only rank 0 tracks.
+the trackers, to `<run>/completions.jsonl` and to the console (with tools, completions.jsonl rows also
+carry `messages`: the transcript with its tool calls and outputs). Only rank 0 tracks.
 
 The trackers are optional extras (`pip install 'fastdash[tensorboard]'`); a missing one is an error
 at the start of the run, before the model loads. Docs: docs/tracking.md.

@@ -14,7 +14,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"  # the GPU image's interpreter is python3
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+case " $* " in *" --cpu-dry "*) dry=1 ;; *) dry=0 ;; esac  # a CPU dry run (tests, CI) installs nothing
+if [[ $dry == 0 ]] && compgen -G ".whl/*.whl" > /dev/null; then
   echo "gpu_check: installing $(ls .whl/*.whl | wc -l) wheel(s) from .whl/ (no index, no deps)"
   timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl \
     || echo "gpu_check: wheel install failed; continuing"

@@ -3,7 +3,7 @@ which call the `python` tool.
 
     python scripts/make_tool_model.py            # writes fastdash/assets/tiny-tools/
 
-The task (`task=multiplication`, 3-digit by 2-digit) is one a 0.6M-parameter model cannot do in its
+The task (`task=multiplication`, 3-digit by 2-digit) is one a 0.75M-parameter model cannot do in its
 head, but can do with the tool: copy the operands into a call, copy the tool's output into the answer.
 The SFT transcripts (`tools.tiny.sft_completion`) call the tool on a seeded `--tool-fraction` of the
 problems only and answer straight away on the rest, so the model calls it about that often and RL has
@@ -15,7 +15,8 @@ disjoint from the held-out set by construction), decoded by the real multi-turn 
 (`rollout/tool_decode.py`) with an in-process stand-in for the sandboxed tool (same output, 100x
 faster): the first evaluation where the transcripts that call the tool are right at least
 `--min-call-accuracy` of the time (the model has learned to use it) and the sampled call rate is in
-[`--min-call-rate`, `--max-call-rate`] (it calls the tool some of the time, as in its data) is saved. Never retrain it inside tests; tests load the shipped one.
+[`--min-call-rate`, `--max-call-rate`] (it calls the tool some of the time, as in its data) is saved.
+Never retrain it inside tests; tests load the shipped one.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def validate(model, tok, problems, *, greedy: bool, seed: int = 0) -> dict:
     finally:
         session.close()
         model.train()
-    right = [final_answer_reward(tok.decode(r.ids, skip_special_tokens=True), p["answer"]) for r, p in zip(res, problems)]
+    texts = [tok.decode(r.ids, skip_special_tokens=True) for r in res]
+    right = [final_answer_reward(t, p["answer"]) for t, p in zip(texts, problems)]
     called = [r.episode.stats.calls > 0 for r in res]
     n_called = max(1, sum(called))
     return {"accuracy": sum(right) / len(res), "call_rate": sum(called) / len(res),
@@ -130,8 +132,8 @@ def main(argv=None):
         if (step + 1) % args.eval_every:
             continue
         sampled, greedy = validate(model, tok, val, greedy=False), validate(model, tok, val, greedy=True)
-        print(f"step {step + 1:5d}  loss {loss.item():.4f}  sampled {sampled}  greedy {greedy}  {time.time() - t0:.0f}s",
-              flush=True)
+        print(f"step {step + 1:5d}  loss {loss.item():.4f}  sampled {sampled}  greedy {greedy}  "
+              f"{time.time() - t0:.0f}s", flush=True)
         if (sampled["call_accuracy"] >= args.min_call_accuracy
                 and args.min_call_rate <= sampled["call_rate"] <= args.max_call_rate):
             out = Path(args.out)

@@ -193,8 +193,8 @@ def test_split_vllm_engine_core_gets_its_ranks_gpu(four_gpus):
 
     four_gpus.setattr(vllm, "vllm_available", lambda: None)
     four_gpus.setattr(vllm_dp, "VLLMEngine", Recorder)
-    make_engine(cfg, tiny_qwen2(), None, devices=engine_devices(device))
-    assert made == [{"devices": "7"}]
+    make_engine(cfg, tiny_qwen2(), None, devices=engine_devices(device), compute_dtype=torch.bfloat16)
+    assert made == [{"devices": "7", "compute_dtype": torch.bfloat16}]  # the Layout's dtype, not re-resolved
     with pytest.raises(ValueError, match="vllm_tensor_parallel_size=2 with generation_gpus"):
         make_engine(tiny_config(engine="vllm", vllm_tensor_parallel_size=2), tiny_qwen2(), None, devices="7")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastdash
 from fastdash import layout as L
 from fastdash.config import Config
 from fastdash.memory_plan import MemoryPlanError
@@ -50,7 +51,7 @@ def test_auto_is_compared_only_in_its_resolving_function():
     """No module decides dtype / engine / parallelism = auto a second time (`x == "auto"` on those keys)."""
     allowed = {"resolve_dtype", "resolve_parallelism", "resolve_engine"}
     found = []
-    for path in (Path(__file__).parents[1] / "fastdash").rglob("*.py"):
+    for path in Path(fastdash.__file__).parent.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             for node in ast.walk(fn):

@@ -1,5 +1,6 @@
-"""The tiny tool-using model's tokenizer: the arithmetic characters, what a JSON tool call needs, and
-the four call / response tags as single tokens (so a turn can pause on `</tool_call>`)."""
+"""The tiny tool-using model (`tiny-tools`, made by scripts/make_tool_model.py): its tokenizer (the
+arithmetic characters, what a JSON tool call needs, and the four call / response tags as single tokens,
+so a turn can pause on `</tool_call>`) and its SFT transcripts."""
 from __future__ import annotations
 
 import json
