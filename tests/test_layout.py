@@ -66,7 +66,8 @@ def test_plan_is_made_for_hf_when_vllm_is_missing(monkeypatch, fast_plan):
     from fastdash.runtime import build_run
 
     _no_vllm(monkeypatch)
-    run = build_run(tiny_config(engine="auto", memory_budget=2_000_000_000))
+    # a budget far above what the process holds after the suite's earlier tests (2 GB left 0.9 GiB free in CI)
+    run = build_run(tiny_config(engine="auto", memory_budget=16_000_000_000))
     assert run.layout.engine == run.plan.engine == run.engine.name == "hf"
     assert "vLLM not available" in run.layout.engine_reason
 
@@ -88,7 +89,8 @@ def test_plan_follows_the_fallback_when_vllm_fails_to_start(monkeypatch, fast_pl
     real = runtime.build_plan
     monkeypatch.setattr(runtime, "build_plan", lambda cfg, model, layout: planned.append(layout.engine)
                         or real(cfg, model, layout))
-    run = build_run(tiny_config(engine="auto", memory_budget=2_000_000_000))
+    # a budget far above what the process holds after the suite's earlier tests (2 GB left 0.9 GiB free in CI)
+    run = build_run(tiny_config(engine="auto", memory_budget=16_000_000_000))
     assert planned == ["vllm", "hf"]  # planned for vLLM, then again for the engine the run got
     assert run.layout.engine == run.plan.engine == run.engine.name == "hf"
     assert "failed to start" in run.layout.engine_reason

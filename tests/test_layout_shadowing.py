@@ -36,7 +36,7 @@ def test_no_top_level_folder_is_a_regular_package_but_ours():
     assert not (ROOT / "kernels" / "__init__.py").exists()
 
 
-def test_installed_distributions_win_from_the_repo_root():
+def test_installed_distributions_win_from_the_repo_root(tmp_path):
     """Import each installed distribution's name that a root entry shares, from the root, as `python -m` does."""
     installed = importlib.metadata.packages_distributions()
     clashes = sorted(n for n in _top_level_names() if n in installed and n not in OWN)
@@ -48,11 +48,15 @@ def test_installed_distributions_win_from_the_repo_root():
         "    out[n] = [getattr(m, '__file__', None) or ''] + list(getattr(m, '__path__', []))\n"
         "print(json.dumps(out))\n"
     )
-    # -c puts '' (the working directory) first on sys.path, exactly as -m does.
-    res = subprocess.run([sys.executable, "-c", code, *clashes], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    where = json.loads(res.stdout)
-    for name, paths in where.items():
-        inside = [p for p in paths if p and Path(p).resolve().is_relative_to(ROOT)]
-        assert not inside, f"from the repo root, `import {name}` ({installed[name]}) resolves into the repo: {inside}"
-
+    # -c puts '' (the working directory) first on sys.path, exactly as -m does. The same imports from an empty
+    # directory are the installed packages: from the root they must resolve to the same files (a venv may itself
+    # live inside the checkout, e.g. CI's .ci-venv, so "inside the repo" alone proves nothing).
+    where = {}
+    for cwd in (ROOT, tmp_path):
+        res = subprocess.run([sys.executable, "-c", code, *clashes], cwd=cwd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        where[cwd] = json.loads(res.stdout)
+    for name in clashes:
+        assert where[ROOT][name] == where[tmp_path][name], (
+            f"from the repo root, `import {name}` ({installed[name]}) resolves to {where[ROOT][name]}, "
+            f"not to the installed {where[tmp_path][name]}")
