@@ -204,11 +204,16 @@ def _loss_fields(samples: Sequence[Sample], logit_index: torch.Tensor) -> dict:
 
 
 def _loss_positions(s: Sample, first: int) -> torch.Tensor:
-    """Flat positions predicting the sample's loss tokens: `first` predicts completion token 0, and
-    tool / template tokens (completion_mask 0) are skipped: in the sequence, never a target."""
+    """Flat positions predicting the sample's loss tokens: `first` predicts completion token 0."""
+    return _loss_tokens_only(s, torch.arange(first, first + len(s.completion_ids)))
+
+
+def _loss_tokens_only(s: Sample, predictors: torch.Tensor) -> torch.Tensor:
+    """`predictors[j]` predicts completion token j; tool / template tokens (completion_mask 0) are
+    skipped: in the sequence, never a target."""
     if s.completion_mask is None:
-        return torch.arange(first, first + len(s.completion_ids))
-    return first + torch.tensor(s.completion_mask, dtype=torch.bool).nonzero()[:, 0]
+        return predictors
+    return predictors[torch.tensor(s.completion_mask, dtype=torch.bool)]
 
 
 def collate_packed(samples: list[Sample]) -> MicroBatch:
@@ -307,7 +312,7 @@ def collate_shared(samples: list[Sample]) -> MicroBatch:
         prefix.append((prompt_at, p))
         # position of completion token j's predictor: the prompt's last for j = 0, else offset + j - 1
         at = torch.cat([torch.tensor([prompt_at + p - 1]), torch.arange(offset, offset + c - 1)])[:c]
-        index.append(at if s.completion_mask is None else at[torch.tensor(s.completion_mask, dtype=torch.bool)])
+        index.append(_loss_tokens_only(s, at))
         offset += c
     cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)

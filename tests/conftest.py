@@ -98,6 +98,30 @@ def assert_well_formed(out, prompts, n: int, eos_id: int, max_tokens: int) -> No
             assert c.completion_ids[-1] == eos_id and eos_id not in c.completion_ids[:-1]
 
 
+
+def assert_sampler_logps_agree(model, out, ref, temperature: float) -> None:
+    """Two decode paths' sampler log-probs of the same samples agree within twice the bound of one path:
+    4x the fp32 model's error against its float64 copy + 4 ulps of the largest |logit / T| (they may
+    round differently: other batch shapes, other matmul orders)."""
+    import copy
+
+    eps32 = torch.finfo(torch.float32).eps
+    model64 = copy.deepcopy(model).double()
+    err_trainer = scale = gap = 0.0
+    for c, r in zip(out, ref):
+        seq = torch.tensor([c.prompt_ids + c.completion_ids])
+        cols = torch.arange(len(c.prompt_ids) - 1, seq.shape[1] - 1)
+        target = seq[0, len(c.prompt_ids):, None]
+        lp = {}
+        for name, m in (("32", model), ("64", model64)):
+            with torch.no_grad():
+                logits = m(seq).logits[0, cols].double() / temperature
+            lp[name] = torch.log_softmax(logits, -1).gather(-1, target)[:, 0]
+            scale = max(scale, float(logits.abs().max()))
+        err_trainer = max(err_trainer, float((lp["32"] - lp["64"]).abs().max()))
+        gap = max(gap, float((torch.tensor(c.sampler_logps) - torch.tensor(r.sampler_logps)).abs().max()))
+    assert gap <= 2 * (4 * err_trainer + 4 * eps32 * max(scale, 1.0)), (gap, err_trainer, scale)
+
 # ---------------------------------------------------------------- decode-loop tests' models ------
 @pytest.fixture(scope="module")
 def tok():

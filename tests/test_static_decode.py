@@ -3,8 +3,6 @@ loop's results token for token on fixed-shape, compiled decode forwards (backend
 traces each bucket once, no codegen), bucket slack counted and bounded, one compile per bucket used."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -14,7 +12,8 @@ from fastdash.rollout import make_engine
 from fastdash.rollout.base import SamplingParams
 from fastdash.rollout.hf import HFEngine
 from fastdash.rollout.static_decode import bucket_for, buckets
-from tests.test_decode import EPS32, RAGGED, _ids, _reference_generate
+from tests.conftest import assert_sampler_logps_agree
+from tests.test_decode import RAGGED, _ids, _reference_generate
 
 
 def _pair(model, tok, max_batch_size, backend="eager"):
@@ -70,20 +69,7 @@ def test_samples_and_logps_equal_the_compacting_loop(tok, rand_model):
     plain = SamplingParams(max_tokens=9, temperature=T, seed=7)  # no top-k / top-p: logps are log_softmax(z / T)
     out, ref = static.generate(prompts, 2, plain), compact.generate(prompts, 2, plain)
     assert [c.completion_ids for c in out] == [c.completion_ids for c in ref]
-    model64 = copy.deepcopy(rand_model).double()
-    err_trainer = scale = gap = 0.0
-    for c, r in zip(out, ref):
-        seq = torch.tensor([c.prompt_ids + c.completion_ids])
-        cols = torch.arange(len(c.prompt_ids) - 1, seq.shape[1] - 1)
-        target = seq[0, len(c.prompt_ids):, None]
-        lp = {}
-        for name, m in (("32", rand_model), ("64", model64)):
-            logits = m(seq).logits[0, cols].double() / T
-            lp[name] = torch.log_softmax(logits, -1).gather(-1, target)[:, 0]
-            scale = max(scale, float(logits.abs().max()))
-        err_trainer = max(err_trainer, float((lp["32"] - lp["64"]).abs().max()))
-        gap = max(gap, float((torch.tensor(c.sampler_logps) - torch.tensor(r.sampler_logps)).abs().max()))
-    assert gap <= 2 * (4 * err_trainer + 4 * EPS32 * max(scale, 1.0)), (gap, err_trainer, scale)
+    assert_sampler_logps_agree(rand_model, out, ref, T)
 
 
 @pytest.mark.parametrize("max_batch_size", [None, 3])
